@@ -1,0 +1,154 @@
+"""Frozen values that cross module boundaries: changes, cursors, batches, ops, outcomes.
+
+Everything here is plain data. Dicts inside these values (record fields, keys) are the
+JSON edge: they hold only JSON-safe scalars after conversion (str, int, bool, None,
+Decimal, datetime, date, list, dict), and are never mutated after construction.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+ChangeOp = Literal["insert", "update", "delete", "read", "truncate"]
+OpAction = Literal["upsert", "delete"]
+OutcomeStatus = Literal["applied", "retry", "reject"]
+Severity = Literal["error", "warning", "info"]
+
+
+def new_trace_id() -> str:
+    """Return a fresh trace id: 16 hex characters, carried from capture to delivery."""
+    return uuid.uuid4().hex[:16]
+
+
+def utcnow() -> datetime:
+    """Return the current time as a timezone-aware UTC datetime."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """An opaque, connector-owned position: a small JSON dict with a ``"v"`` format version."""
+
+    data: Mapping[str, Any]
+
+    def __post_init__(self) -> None:
+        if "v" not in self.data:
+            raise ValueError("cursor data needs a 'v' format version")
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One captured change of one source record.
+
+    ``position`` is unique per source: the journal's dedup key (an LSN plus the change's
+    index in its transaction, or a modstamp plus record id). ``fields`` holds the new values
+    (for a delete, the old values the source sent). ``unchanged`` names columns whose value
+    the source did not send (unchanged TOAST): never treat them as NULL.
+    """
+
+    source: str
+    stream: str
+    object_name: str
+    op: ChangeOp
+    key: Mapping[str, Any]
+    fields: Mapping[str, Any]
+    position: str
+    version: str
+    source_ts: datetime | None = None
+    origin: str | None = None
+    unchanged: frozenset[str] = frozenset()
+    old_key: Mapping[str, Any] | None = None
+    trace_id: str = field(default_factory=new_trace_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """What one ``Source.read`` returns: changes, the cursor after them, and whether more wait."""
+
+    changes: Sequence[Change]
+    next_cursor: Cursor
+    more: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """A change as stored in the journal, with its sequence number and fate."""
+
+    seq: int
+    change: Change
+    captured_at: datetime
+    status: str = "pending"
+
+
+@dataclass(frozen=True, slots=True)
+class EntityRef:
+    """A record in one system: system name, canonical entity, and that system's id."""
+
+    system: str
+    entity: str
+    external_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One operation for a sink, already in the target's native fields.
+
+    ``key`` holds the field(s) the sink upserts on (its primary key when the
+    cross-reference knows the record, else its external-id field). ``idempotency_key``
+    makes enqueueing the same op twice a no-op.
+    """
+
+    idempotency_key: str
+    target: str
+    entity: str
+    canonical_id: str
+    object_name: str
+    action: OpAction
+    key: Mapping[str, Any]
+    fields: Mapping[str, Any]
+    trace_id: str
+    source_seq: int | None = None
+    op_id: int | None = None
+    attempts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A sink's verdict on one op: applied, retry later, or rejected for good."""
+
+    status: OutcomeStatus
+    external_id: str | None = None
+    version: str | None = None
+    retry_after: float | None = None
+    reason: str | None = None
+    detail: str | None = None
+    field_name: str | None = None
+
+    @classmethod
+    def applied(cls, external_id: str, version: str | None = None) -> Outcome:
+        """Build an 'applied' outcome with the record's id in the target."""
+        return cls("applied", external_id=external_id, version=version)
+
+    @classmethod
+    def retry(cls, after: float | None, reason: str) -> Outcome:
+        """Build a 'retry' outcome, optionally with the server's Retry-After in seconds."""
+        return cls("retry", retry_after=after, reason=reason)
+
+    @classmethod
+    def reject(cls, reason: str, detail: str, field_name: str | None = None) -> Outcome:
+        """Build a 'reject' outcome: the op goes to the exception queue."""
+        return cls("reject", reason=reason, detail=detail, field_name=field_name)
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One finding of a ``check()``: what is wrong, with what, and how to fix it."""
+
+    subject: str
+    message: str
+    fix: str = ""
+    severity: Severity = "error"

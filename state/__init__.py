@@ -1,0 +1,1 @@
+"""The state store: the only code that knows SQLite."""
