@@ -6,6 +6,7 @@
     ├── ConfigError(errors=[ConfigIssue(file, key, reason)])   exit 2; the process stops
     ├── RetryableError                                         back off and try again
     │   └── RateLimited(retry_after)                           obey the server's wait
+    │       └── BudgetExhausted                                our own API budget: defer, visibly
     ├── PermanentError                                         stops that connector's jobs
     │   ├── AuthError                                          credentials refused
     │   └── CursorUnavailable                                  the source cannot serve the position
@@ -56,6 +57,10 @@ class RateLimited(RetryableError):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class BudgetExhausted(RateLimited):
+    """The configured API budget (per day or per run) is used up; work waits until it resets."""
 
 
 class PermanentError(SyncAgentError):
