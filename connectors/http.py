@@ -8,6 +8,7 @@ Usage::
     with classify_http():                       # httpx errors and bad statuses -> agent.errors
         response = raise_for_status(client.get("/services/data/", auth=my_auth))
     payload = json_body(response)               # JSON with Decimal numbers
+    client.post(url, content=dump_json(body), headers={"Content-Type": "application/json"})
 
 ``raise_for_status`` raises ``HttpStatusFailure`` for any status >= 400; ``classify_http``
 turns it (and httpx transport errors) into ``RetryableError``/``RateLimited``/``AuthError``/
@@ -22,9 +23,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -120,6 +121,25 @@ def raise_for_status(response: httpx.Response) -> httpx.Response:
         response.read()
         raise HttpStatusFailure(response)
     return response
+
+
+def dump_json(value: Any) -> bytes:
+    """Encode a request body as JSON: Decimals as exact numbers, dates and datetimes as ISO text."""
+    return _encode(value).encode()
+
+
+def _encode(value: Any) -> str:
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ValueError("JSON cannot carry a non-finite number")
+        return str(value)
+    if isinstance(value, datetime | date):
+        return json.dumps(value.isoformat())
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{json.dumps(str(k))}:{_encode(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_encode(v) for v in value) + "]"
+    return json.dumps(value, allow_nan=False)
 
 
 def json_body(response: httpx.Response) -> Any:
