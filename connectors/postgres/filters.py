@@ -20,7 +20,7 @@ from pglast.stream import RawStream
 
 from agent.errors import ConfigError, ConfigIssue
 
-__all__ = ["check_row_filter"]
+__all__ = ["check_row_filter", "referenced_columns"]
 
 _MAX_LENGTH = 2000
 
@@ -66,18 +66,40 @@ class _Refused(Exception):
     """Internal: why a filter was refused; turned into a ConfigIssue."""
 
 
+class _Scope:
+    """Internal: the columns a filter may use, and the ones it was seen to use."""
+
+    __slots__ = ("allowed", "seen")
+
+    def __init__(self, allowed: frozenset[str] | None, seen: set[str]) -> None:
+        self.allowed = allowed
+        self.seen = seen
+
+
 def check_row_filter(expr: str, columns: Collection[str] | None, *, key: str) -> str:
     """Return the normalised row filter, or raise ConfigError naming ``key`` and the reason.
 
     ``columns`` are the table's column names; when given, any other name is refused.
     """
     try:
-        return _check(expr, None if columns is None else frozenset(columns))
+        return _check(expr, None if columns is None else frozenset(columns), set())
     except _Refused as exc:
         raise ConfigError([ConfigIssue(file="", key=key, reason=f"row filter refused: {exc}")]) from None
 
 
-def _check(expr: str, columns: frozenset[str] | None) -> str:
+def referenced_columns(expr: str) -> frozenset[str]:
+    """Return the column names an accepted row filter uses; raises ConfigError if it is refused."""
+    seen: set[str] = set()
+    try:
+        _check(expr, None, seen)
+    except _Refused as exc:
+        raise ConfigError(
+            [ConfigIssue(file="", key="row_filter", reason=f"row filter refused: {exc}")]
+        ) from None
+    return frozenset(seen)
+
+
+def _check(expr: str, columns: frozenset[str] | None, seen: set[str]) -> str:
     if not isinstance(expr, str) or not expr.strip():
         raise _Refused("it must be a non-empty SQL boolean expression")
     if len(expr) > _MAX_LENGTH:
@@ -97,7 +119,7 @@ def _check(expr: str, columns: frozenset[str] | None) -> str:
         raise _Refused("it must be a plain boolean expression (only a WHERE condition)")
     if any(getattr(stmt, name, None) for name in _OTHER_CLAUSES) or not _is_select_one(stmt):
         raise _Refused("it must be a plain boolean expression, with no further SQL clauses")
-    _boolean(stmt.whereClause, columns)
+    _boolean(stmt.whereClause, _Scope(columns, seen))
     return str(RawStream()(stmt.whereClause))
 
 
@@ -114,53 +136,53 @@ def _is_select_one(stmt: ast.SelectStmt) -> bool:
     )
 
 
-def _boolean(node: object, columns: frozenset[str] | None) -> None:
+def _boolean(node: object, scope: _Scope) -> None:
     """Check a node that must yield a boolean."""
     if isinstance(node, ast.BoolExpr):
         if node.boolop not in (BoolExprType.AND_EXPR, BoolExprType.OR_EXPR, BoolExprType.NOT_EXPR):
             raise _Refused("unsupported boolean operator")
         for arg in node.args or ():
-            _boolean(arg, columns)
+            _boolean(arg, scope)
         return
     if isinstance(node, ast.NullTest):
-        _value(node.arg, columns)
+        _value(node.arg, scope)
         return
     if isinstance(node, ast.BooleanTest):
-        _boolean(node.arg, columns)
+        _boolean(node.arg, scope)
         return
     if isinstance(node, ast.A_Expr):
-        _predicate(node, columns)
+        _predicate(node, scope)
         return
     if isinstance(node, ast.ColumnRef):
-        _column(node, columns)  # a boolean column used as a condition
+        _column(node, scope)  # a boolean column used as a condition
         return
     if isinstance(node, ast.A_Const):
         if node.isnull or isinstance(node.val, ast.Boolean):
             return
         raise _Refused("a constant that is not true/false/NULL is not a condition")
     if isinstance(node, ast.TypeCast):
-        _cast(node, columns)
+        _cast(node, scope)
         return
     raise _Refused(f"{_describe(node)} is not allowed as a condition")
 
 
-def _predicate(node: ast.A_Expr, columns: frozenset[str] | None) -> None:
+def _predicate(node: ast.A_Expr, scope: _Scope) -> None:
     kind = node.kind
     if kind == A_Expr_Kind.AEXPR_OP:
         op = _operator(node)
         if op not in _COMPARISONS:
             raise _Refused(f"operator {op!r} does not give a condition; use a comparison")
-        _value(node.lexpr, columns)
-        _value(node.rexpr, columns)
+        _value(node.lexpr, scope)
+        _value(node.rexpr, scope)
         return
     if kind in _COMPARE_KINDS:
         _operator(node)
-        _value(node.lexpr, columns)
-        _value(node.rexpr, columns)
+        _value(node.lexpr, scope)
+        _value(node.rexpr, scope)
         return
     if kind == A_Expr_Kind.AEXPR_IN:
         _operator(node)
-        _value(node.lexpr, columns)
+        _value(node.lexpr, scope)
         items = node.rexpr
         if not isinstance(items, tuple | list) or not items:
             raise _Refused("IN needs a list of constants")
@@ -168,12 +190,12 @@ def _predicate(node: ast.A_Expr, columns: frozenset[str] | None) -> None:
             _constant(item)
         return
     if kind in _BETWEEN_KINDS:
-        _value(node.lexpr, columns)
+        _value(node.lexpr, scope)
         bounds = node.rexpr
         if not isinstance(bounds, tuple | list) or len(bounds) != 2:
             raise _Refused("BETWEEN needs two bounds")
         for bound in bounds:
-            _value(bound, columns)
+            _value(bound, scope)
         return
     raise _Refused(f"{_describe(node)} is not allowed")
 
@@ -185,31 +207,31 @@ def _operator(node: ast.A_Expr) -> str:
     return str(names[0].sval)
 
 
-def _value(node: object, columns: frozenset[str] | None) -> None:
+def _value(node: object, scope: _Scope) -> None:
     """Check a node that yields a value (operand of a comparison or function)."""
     if isinstance(node, ast.ColumnRef):
-        _column(node, columns)
+        _column(node, scope)
     elif isinstance(node, ast.A_Const):
         return
     elif isinstance(node, ast.TypeCast):
-        _cast(node, columns)
+        _cast(node, scope)
     elif isinstance(node, ast.FuncCall):
-        _function(node, columns)
+        _function(node, scope)
     elif isinstance(node, ast.CoalesceExpr):
         for arg in node.args or ():
-            _value(arg, columns)
+            _value(arg, scope)
     elif isinstance(node, ast.A_Expr) and node.kind == A_Expr_Kind.AEXPR_OP:
         op = _operator(node)
         if op in _ARITHMETIC:
             if node.lexpr is not None:
-                _value(node.lexpr, columns)
-            _value(node.rexpr, columns)
+                _value(node.lexpr, scope)
+            _value(node.rexpr, scope)
         else:
-            _boolean(node, columns)
+            _boolean(node, scope)
     elif isinstance(node, ast.SubLink):
         raise _Refused("subqueries are not allowed")
     else:
-        _boolean(node, columns)
+        _boolean(node, scope)
 
 
 def _constant(node: object) -> None:
@@ -226,20 +248,21 @@ def _constant(node: object) -> None:
     raise _Refused(f"IN lists may hold only constants, not {_describe(node)}")
 
 
-def _column(node: ast.ColumnRef, columns: frozenset[str] | None) -> None:
+def _column(node: ast.ColumnRef, scope: _Scope) -> None:
     fields = node.fields or ()
     if len(fields) != 1 or not isinstance(fields[0], ast.String):
         raise _Refused("column references must be unqualified column names (no table., no *)")
     name = str(fields[0].sval)
     if name in _SYSTEM_COLUMNS:
         raise _Refused(f"system column {name!r} is not allowed")
-    if columns is not None and name not in columns:
-        raise _Refused(f"unknown column {name!r}; the table has {', '.join(sorted(columns))}")
+    if scope.allowed is not None and name not in scope.allowed:
+        raise _Refused(f"unknown column {name!r}; the table has {', '.join(sorted(scope.allowed))}")
+    scope.seen.add(name)
 
 
-def _cast(node: ast.TypeCast, columns: frozenset[str] | None) -> None:
+def _cast(node: ast.TypeCast, scope: _Scope) -> None:
     _type_name(node.typeName)
-    _value(node.arg, columns)
+    _value(node.arg, scope)
 
 
 def _type_name(type_name: ast.TypeName | None) -> None:
@@ -254,7 +277,7 @@ def _type_name(type_name: ast.TypeName | None) -> None:
             raise _Refused("type modifiers must be constants")
 
 
-def _function(node: ast.FuncCall, columns: frozenset[str] | None) -> None:
+def _function(node: ast.FuncCall, scope: _Scope) -> None:
     names = [str(n.sval) for n in node.funcname or () if isinstance(n, ast.String)]
     simple = len(names) == 1 or (len(names) == 2 and names[0] == "pg_catalog")
     if not simple or names[-1] not in _FUNCTIONS:
@@ -274,7 +297,7 @@ def _function(node: ast.FuncCall, columns: frozenset[str] | None) -> None:
     for arg in node.args or ():
         if isinstance(arg, ast.NamedArgExpr):
             raise _Refused("named function arguments are not allowed")
-        _value(arg, columns)
+        _value(arg, scope)
 
 
 def _describe(node: object) -> str:

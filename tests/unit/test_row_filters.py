@@ -98,3 +98,10 @@ def test_check_row_filter_accepts_any_column_when_columns_unknown() -> None:
 def test_check_row_filter_still_refuses_system_columns_when_columns_unknown() -> None:
     with pytest.raises(ConfigError):
         check_row_filter("xmax = '0'", None, key="k")
+
+
+def test_referenced_columns_lists_every_column_when_filter_is_accepted() -> None:
+    from connectors.postgres.filters import referenced_columns
+
+    used = referenced_columns("lower(region) = 'eu' AND amount BETWEEN 1 AND 9 AND deleted_at IS NULL")
+    assert used == {"region", "amount", "deleted_at"}
