@@ -1,0 +1,1 @@
+"""Dynamics 365 / Dataverse: the connector and its emulator."""
