@@ -386,6 +386,8 @@ class PostgresSink:
             return Outcome.retry(None, _condition(exc))
         if state in _SETUP_PROBLEMS or not state.startswith(_ROW_REJECT_CLASSES):
             return None
+        if state.startswith("42"):  # the table changed under the cached columns: read them again
+            self._columns.pop(op.object_name, None)
         primary = exc.diag.message_primary or type(exc).__name__
         field_name = exc.diag.column_name or self._blame(conn, target, op, exc)
         return Outcome.reject(_condition(exc), _QUOTED_VALUE.sub("", primary), field_name)

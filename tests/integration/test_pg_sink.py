@@ -465,3 +465,33 @@ def test_sink_logs_counts_without_values_when_a_batch_is_applied(
     assert events["sink_batch_applied"]["applied"] == 1 and events["sink_batch_applied"]["reject"] == 1
     assert events["sink_op_rejected"]["field"] == "name"
     assert "Secret Name" not in caplog.text
+
+
+def test_sink_rejects_the_op_when_a_deferred_foreign_key_or_an_erp_trigger_refuses_it(erp: Erp) -> None:
+    _seed(erp, 1)
+    with erp.admin() as conn:
+        conn.execute(
+            "CREATE TABLE public.contracts (id int PRIMARY KEY, customer_id int "
+            "REFERENCES public.customers DEFERRABLE INITIALLY DEFERRED, amount numeric)"
+        )
+        conn.execute(
+            "CREATE FUNCTION public.needs_approval() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.amount > 1000 THEN RAISE EXCEPTION 'amount needs approval'; END IF; RETURN NEW; END $$"
+        )
+        conn.execute(
+            "CREATE TRIGGER approval BEFORE INSERT OR UPDATE ON public.contracts "
+            "FOR EACH ROW EXECUTE FUNCTION public.needs_approval()"
+        )
+    sink = erp.sink(tables={"public.contracts": SinkTable("public", "contracts", ("id",))})
+    outcomes = sink.apply(
+        [
+            _op({"id": 1}, {"customer_id": 1, "amount": 5}, obj="public.contracts"),
+            _op({"id": 2}, {"customer_id": 99, "amount": 5}, obj="public.contracts"),
+            _op({"id": 3}, {"customer_id": 1, "amount": 5000}, obj="public.contracts"),
+        ]
+    )
+    assert outcomes[0].status == "applied"
+    assert (outcomes[1].reason, outcomes[1].field_name) == ("foreign_key_violation", "customer_id")
+    assert (outcomes[2].reason, outcomes[2].detail) == ("raise_exception", "amount needs approval")
+    with erp.admin() as conn:
+        assert conn.execute("SELECT id FROM public.contracts").fetchall() == [(1,)]
