@@ -212,8 +212,8 @@ class LogicalMessage:
 
 Message = Begin | Commit | Origin | Relation | TypeInfo | Insert | Update | Delete | Truncate | LogicalMessage
 
-# Exceptions that bytes slicing, struct and str decoding raise on malformed input.
-_DECODE_FAILURES = (IndexError, ValueError, KeyError, struct.error, OverflowError)
+# What indexing past the end and short struct reads raise on a truncated buffer.
+_DECODE_FAILURES = (IndexError, struct.error)
 
 
 def _tuple(data: bytes, pos: int, _H=_H, _I=_I, _U=UNCHANGED) -> tuple[tuple[object, ...], int]:

@@ -153,16 +153,15 @@ ARRAY_ELEMENT_OIDS: Final[Mapping[int, int]] = MappingProxyType(
 # Every built-in array uses ',' between elements except box, whose values contain commas.
 _ARRAY_DELIMITERS: Final = {1020: ";"}
 
-_DATE_KEPT = re.compile(r"-?infinity|\d{4,}-\d{2}-\d{2}( BC)?", re.ASCII)
-_TIMESTAMP_KEPT = re.compile(r"-?infinity|\d{4,}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(\.\d{1,6})?( BC)?", re.ASCII)
+# Valid output that Python's date and datetime cannot hold: kept as PostgreSQL's text.
+_TS_BODY = r"\d{4,}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(\.\d{1,6})?"
+_NOT_PYTHON = r"(?=\d{5}|.* BC\Z)"  # a year past 9999, or before year 1
+_DATE_KEPT = re.compile(rf"-?infinity|{_NOT_PYTHON}\d{{4,}}-\d{{2}}-\d{{2}}( BC)?", re.ASCII)
+_TIMESTAMP_KEPT = re.compile(rf"-?infinity|{_NOT_PYTHON}{_TS_BODY}( BC)?", re.ASCII)
 _TIMESTAMPTZ_KEPT = re.compile(
-    r"-?infinity|\d{4,}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(\.\d{1,6})?[+-]\d{2}(:\d{2}){0,2}( BC)?", re.ASCII
+    rf"-?infinity|{_NOT_PYTHON}{_TS_BODY}[+-]\d{{2}}(:\d{{2}}){{0,2}}( BC)?", re.ASCII
 )
 _STRICT_DATE = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
-_STRICT_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(\.\d{1,6})?", re.ASCII)
-_STRICT_TIMESTAMPTZ = re.compile(
-    r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(\.\d{1,6})?[+-]\d{2}(:\d{2}){0,2}", re.ASCII
-)
 _DIMENSIONS = re.compile(r"((?:\[-?\d{1,10}:-?\d{1,10}\]){1,6})=", re.ASCII)
 _PLAIN_ARRAY = re.compile(r'\{[^"\\{}\s]+\}')
 _DIMENSION = re.compile(r"\[(-?\d+):(-?\d+)\]", re.ASCII)
@@ -210,27 +209,33 @@ def _to_date(text: str) -> date | str:
 
 
 def _to_timestamp(text: str) -> datetime | str:
-    if _STRICT_TIMESTAMP.fullmatch(text):
+    # fromisoformat is the fast path; the space at offset 10 keeps it to PostgreSQL's ISO shape.
+    if text[10:11] == " ":
         try:
-            return datetime.fromisoformat(text)
+            value = datetime.fromisoformat(text)
         except ValueError:
-            raise _bad("timestamp", "no such date or time") from None
+            pass
+        else:
+            if value.tzinfo is None:
+                return value
     if _TIMESTAMP_KEPT.fullmatch(text):
         return text
     raise _bad("timestamp", "expected ISO 'YYYY-MM-DD HH:MM:SS[.ffffff]'")
 
 
 def _to_timestamptz(text: str) -> datetime | str:
-    if _STRICT_TIMESTAMPTZ.fullmatch(text):
+    if text[10:11] == " ":
         try:
             value = datetime.fromisoformat(text)
         except ValueError:
-            raise _bad("timestamptz", "no such date, time or offset") from None
-        try:
-            return value.astimezone(UTC)
-        except OverflowError:
-            # Year 1 or 9999 shifted out of range by its offset: only the text can hold it.
-            return text
+            pass
+        else:
+            if value.tzinfo is not None:
+                try:
+                    return value.astimezone(UTC)
+                except OverflowError:
+                    # Year 1 or 9999 pushed out of range by its offset: only the text holds it.
+                    return text
     if _TIMESTAMPTZ_KEPT.fullmatch(text):
         return text
     raise _bad("timestamptz", "expected ISO 'YYYY-MM-DD HH:MM:SS[.ffffff]+HH[:MM[:SS]]'")
