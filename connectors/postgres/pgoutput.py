@@ -210,6 +210,7 @@ class LogicalMessage:
     content: bytes
 
 
+# Everything Decoder.decode can return.
 Message = Begin | Commit | Origin | Relation | TypeInfo | Insert | Update | Delete | Truncate | LogicalMessage
 
 # What indexing past the end and short struct reads raise on a truncated buffer.
