@@ -1,0 +1,275 @@
+"""The journal: every captured change, once, in capture order, with what became of it.
+
+Append-only; ``seq`` increases and is never reused, with gaps (a skipped duplicate consumes
+a number). ``(source, position)`` is unique, so re-reading a batch after a crash (or an
+API poll's look-back overlap) inserts nothing twice. A row starts ``pending`` with no fate;
+the resolver gives it a fate and ``resolved`` status. Fates only move forward: the open fates
+``queued`` (an op waits in the outbox) and ``exception`` (a person must act) may still become
+anything else, while a settled fate (``applied``, ``echo``, ``ignored``, ``conflict``,
+``reverted``, ``noop``, ``skipped``) is final, so replaying the journal after a rewind cannot
+overwrite what happened the first time.
+
+Stored values are JSON (see ``state.codec``): a change read back has plain JSON types in
+``key``/``fields`` (a ``Decimal`` comes back as ``str``, a datetime as ISO text).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from agent.model import Change, JournalEntry, utcnow
+from state import checkpoints, codec
+from state.db import State, classify_sqlite, fetch_all, fetch_one
+
+RESOLVER_OWNER = "resolver"
+RESOLVER_STREAM = "journal"
+
+OPEN_FATES = frozenset({"queued", "exception"})
+SETTLED_FATES = frozenset({"applied", "echo", "ignored", "conflict", "reverted", "noop", "skipped"})
+FATES = OPEN_FATES | SETTLED_FATES
+
+_PRUNE_CHUNK = 10_000
+
+_INSERT = (
+    "INSERT INTO journal (source, stream, object_name, op, key, fields, unchanged, old_key,"
+    " position, version, source_ts, origin, trace_id, captured_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    # Only a duplicate source position is skipped; a NOT NULL or CHECK violation still raises
+    # (INSERT OR IGNORE would silently drop such a row too).
+    " ON CONFLICT (source, position) DO NOTHING"
+)
+
+_SET_FATE = (
+    "UPDATE journal SET status = 'resolved', fate = ?, fate_detail = ?"
+    " WHERE seq = ? AND (fate IS NULL OR fate IN ('queued', 'exception'))"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class JournalRow:
+    """A journal entry together with its fate, for listing and inspection."""
+
+    entry: JournalEntry
+    fate: str | None
+    fate_detail: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class JournalStats:
+    """Per-source journal figures for ``status``."""
+
+    count: int
+    pending: int
+    oldest_pending_at: datetime | None
+
+
+def append(st: State, changes: Sequence[Change], *, captured_at: datetime | None = None) -> int:
+    """Append changes in one statement batch; return how many were new (duplicates skipped).
+
+    Runs inside the caller's ``write_txn`` when there is one, so the batch and its source
+    cursor commit together.
+    """
+    if not changes:
+        return 0
+    at = codec.format_ts(captured_at or utcnow())
+    dumps = codec.dumps
+    fmt = codec.format_ts
+    # Encode before taking the write lock, so the lock is held only for the inserts.
+    rows = [
+        (
+            c.source,
+            c.stream,
+            c.object_name,
+            c.op,
+            dumps(c.key),
+            dumps(c.fields),
+            dumps(sorted(c.unchanged)) if c.unchanged else "[]",
+            None if c.old_key is None else dumps(c.old_key),
+            c.position,
+            c.version,
+            None if c.source_ts is None else fmt(c.source_ts),
+            c.origin,
+            c.trace_id,
+            at,
+        )
+        for c in changes
+    ]
+    with st.write_txn(), classify_sqlite(st.path):
+        cur = st.conn.executemany(_INSERT, rows)
+    return cur.rowcount
+
+
+def _entry(r: sqlite3.Row, times: dict[str, datetime]) -> JournalEntry:
+    old_key = r["old_key"]
+    source_ts = r["source_ts"]
+    unchanged = r["unchanged"]
+    captured = r["captured_at"]
+    # A batch shares one capture time: parse each distinct text once per read.
+    captured_at = times.get(captured)
+    if captured_at is None:
+        captured_at = times[captured] = codec.parse_ts(captured)
+    change = Change(
+        source=r["source"],
+        stream=r["stream"],
+        object_name=r["object_name"],
+        op=r["op"],
+        key=codec.loads(r["key"]),
+        fields=codec.loads(r["fields"]),
+        position=r["position"],
+        version=r["version"],
+        source_ts=None if source_ts is None else codec.parse_ts(source_ts),
+        origin=r["origin"],
+        unchanged=frozenset() if unchanged == "[]" else frozenset(codec.loads(unchanged)),
+        old_key=None if old_key is None else codec.loads(old_key),
+        trace_id=r["trace_id"],
+    )
+    return JournalEntry(seq=r["seq"], change=change, captured_at=captured_at, status=r["status"])
+
+
+def _rows(st: State, sql: str, params: tuple[object, ...]) -> list[JournalRow]:
+    times: dict[str, datetime] = {}
+    return [
+        JournalRow(entry=_entry(r, times), fate=r["fate"], fate_detail=r["fate_detail"])
+        for r in fetch_all(st, sql, params)
+    ]
+
+
+def read_pending(st: State, after_seq: int, limit: int) -> list[JournalEntry]:
+    """Return up to ``limit`` entries with ``seq > after_seq`` in order, whatever their status.
+
+    The resolver's position is its checkpoint, not the status column: after a rewind it
+    re-reads resolved rows too.
+    """
+    rows = fetch_all(st, "SELECT * FROM journal WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit))
+    times: dict[str, datetime] = {}
+    return [_entry(r, times) for r in rows]
+
+
+def set_fate(st: State, fates: Sequence[tuple[int, str, str | None]]) -> int:
+    """Record ``(seq, fate, detail)`` outcomes and mark those rows resolved; return rows changed.
+
+    A row whose fate is already settled is left as it is (fates only move forward).
+
+    Raises:
+        ValueError: a fate is not one of ``FATES``.
+    """
+    for _, fate, _ in fates:
+        if fate not in FATES:
+            raise ValueError(f"unknown journal fate {fate!r}")
+    if not fates:
+        return 0
+    params = [(fate, detail, seq) for seq, fate, detail in fates]
+    with st.write_txn(), classify_sqlite(st.path):
+        cur = st.conn.executemany(_SET_FATE, params)
+    return cur.rowcount
+
+
+def list_entries(
+    st: State, *, since_seq: int = 0, limit: int = 100, source: str | None = None
+) -> list[JournalRow]:
+    """Return up to ``limit`` rows with ``seq > since_seq`` in order, optionally of one source."""
+    if source is None:
+        sql = "SELECT * FROM journal WHERE seq > ? ORDER BY seq LIMIT ?"
+        params: tuple[object, ...] = (since_seq, limit)
+    else:
+        # '+source' keeps the planner on the seq order (a bounded scan) rather than
+        # sorting every row of the source found through the (source, position) index.
+        sql = "SELECT * FROM journal WHERE +source = ? AND seq > ? ORDER BY seq LIMIT ?"
+        params = (source, since_seq, limit)
+    return _rows(st, sql, params)
+
+
+def get(st: State, seq: int) -> JournalRow | None:
+    """Return the journal row ``seq``, or ``None`` if there is none (never written or pruned)."""
+    found = _rows(st, "SELECT * FROM journal WHERE seq = ?", (seq,))
+    return found[0] if found else None
+
+
+def last_seq(st: State) -> int:
+    """Return the highest sequence number in the journal (0 when it has never had a row)."""
+    # An emptied (fully pruned) journal falls back to the AUTOINCREMENT counter, which may be
+    # a little higher: skipped duplicates also consume numbers, so seqs have gaps.
+    r = fetch_one(
+        st,
+        "SELECT coalesce((SELECT max(seq) FROM journal),"
+        " (SELECT seq FROM sqlite_sequence WHERE name = 'journal'), 0) AS seq",
+    )
+    return 0 if r is None else int(r["seq"])
+
+
+def stats(st: State) -> dict[str, JournalStats]:
+    """Return row count, pending count and oldest pending capture time per source.
+
+    "Pending" counts rows after the resolver's checkpoint that have no fate yet: the rows
+    still waiting for it. (A row an operator skipped by moving the resolver past it is not
+    waiting, although it stays pending and is kept by ``prune``.)
+    """
+    totals = fetch_all(st, "SELECT source, count(*) AS n FROM journal GROUP BY source")
+    # A seq range rather than an index on status: the backlog after the resolver is short,
+    # and an index would be paid for on every append and every set_fate.
+    pending = {
+        r["source"]: (r["n"], r["oldest"])
+        for r in fetch_all(
+            st,
+            "SELECT source, count(*) AS n, min(captured_at) AS oldest FROM journal"
+            " WHERE seq > ? AND status = 'pending' GROUP BY source",
+            (resolver_seq(st) or 0,),
+        )
+    }
+    out: dict[str, JournalStats] = {}
+    for r in totals:
+        n_pending, oldest = pending.get(r["source"], (0, None))
+        out[r["source"]] = JournalStats(r["n"], n_pending, codec.parse_ts_or_none(oldest))
+    return out
+
+
+def resolver_seq(st: State) -> int | None:
+    """Return the resolver's checkpoint (the last journal seq it handled), if it has one."""
+    cp = checkpoints.get(st, RESOLVER_OWNER, RESOLVER_STREAM)
+    if cp is None:
+        return None
+    seq = cp.cursor.data.get("seq")
+    return int(seq) if seq is not None else None
+
+
+def prune(st: State, *, older_than: datetime) -> int:
+    """Delete settled rows captured before ``older_than``; return how many.
+
+    Never removes a pending row, a row with an open fate (``queued``, ``exception``), nor a
+    row at or after the resolver's checkpoint. Deletes in chunks, each its own transaction
+    unless the caller holds one, so the agent's writers are not blocked for long.
+    """
+    cutoff = codec.format_ts(older_than)
+    # Capture times rise with seq (barring clock steps), so the first row at or after the
+    # cutoff bounds the scan; the captured_at test below keeps it exact when they do not.
+    bounds = [b for b in (resolver_seq(st), first_seq_at_or_after(st, older_than)) if b is not None]
+    bound = min(bounds) if bounds else last_seq(st) + 1
+    sql = (
+        "DELETE FROM journal WHERE seq IN (SELECT seq FROM journal WHERE seq < ?"
+        " AND captured_at < ? AND status = 'resolved' AND fate NOT IN ('queued', 'exception')"
+        " ORDER BY seq LIMIT ?)"
+    )
+    total = 0
+    while True:
+        with st.write_txn(), classify_sqlite(st.path):
+            n = st.conn.execute(sql, (bound, cutoff, _PRUNE_CHUNK)).rowcount
+        total += n
+        if n < _PRUNE_CHUNK:
+            return total
+
+
+def first_seq_at_or_after(st: State, when: datetime) -> int | None:
+    """Return the lowest seq captured at or after ``when`` (to rewind the resolver by time).
+
+    Scans in seq order from the oldest row (no index on capture time, to keep appends fast),
+    so its cost grows with the rows captured before ``when``: an operator's query.
+    """
+    r = fetch_one(
+        st,
+        "SELECT seq FROM journal WHERE captured_at >= ? ORDER BY seq LIMIT 1",
+        (codec.format_ts(when),),
+    )
+    return None if r is None else int(r["seq"])
