@@ -92,14 +92,29 @@ class LocalCluster:
 
     def restart(self) -> None:
         """Restart the server in place (same folder, same port)."""
-        _run_as(self._owner(), [str(self.bindir / "pg_ctl"), "-D", str(self.root / "data"),
-                                "-m", "fast", "-w", "restart", "-o", self._options()])
+        _run_as(
+            self._owner(),
+            [
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.root / "data"),
+                "-m",
+                "fast",
+                "-w",
+                "restart",
+                "-o",
+                self._options(),
+            ],
+        )
 
     def stop(self) -> None:
         """Stop the server and remove its folder."""
         if (self.root / "data" / "postmaster.pid").exists():
-            _run_as(self._owner(), [str(self.bindir / "pg_ctl"), "-D", str(self.root / "data"),
-                                    "-m", "immediate", "-w", "stop"], check=False)
+            _run_as(
+                self._owner(),
+                [str(self.bindir / "pg_ctl"), "-D", str(self.root / "data"), "-m", "immediate", "-w", "stop"],
+                check=False,
+            )
         shutil.rmtree(self.root, ignore_errors=True)
 
     def _options(self) -> str:
@@ -140,10 +155,36 @@ def start_cluster(root: Path | None = None, port: int | None = None) -> LocalClu
         parent = root.parent
         if not os.access(parent, os.X_OK):
             raise LocalPgError(f"{parent} is not searchable by the postgres user")
-    _run_as(owner, [str(bindir / "initdb"), "-D", str(root / "data"), "-U", "postgres",
-                    "--auth=trust", "-E", "UTF8", "--no-instructions"])
-    _run_as(owner, [str(bindir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "server.log"),
-                    "-w", "-t", "60", "-o", cluster._options(), "start"])
+    _run_as(
+        owner,
+        [
+            str(bindir / "initdb"),
+            "-D",
+            str(root / "data"),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-instructions",
+        ],
+    )
+    _run_as(
+        owner,
+        [
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(root / "data"),
+            "-l",
+            str(root / "server.log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            cluster._options(),
+            "start",
+        ],
+    )
     _wait_ready(cluster)
     return cluster
 

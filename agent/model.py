@@ -29,6 +29,30 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class Secret:
+    """A credential: shows as ``***`` in repr, str, logs and tracebacks; ``reveal()`` gives the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """Return the secret value, for the one place that must send it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
 @dataclass(frozen=True, slots=True)
 class Cursor:
     """An opaque, connector-owned position: a small JSON dict with a ``"v"`` format version."""
@@ -99,7 +123,8 @@ class Op:
 
     ``key`` holds the field(s) the sink upserts on (its primary key when the
     cross-reference knows the record, else its external-id field). ``idempotency_key``
-    makes enqueueing the same op twice a no-op.
+    makes enqueueing the same op twice a no-op. ``canonical`` holds the canonical values
+    the op writes, recorded in the shadow once the target confirms them.
     """
 
     idempotency_key: str
@@ -114,6 +139,7 @@ class Op:
     source_seq: int | None = None
     op_id: int | None = None
     attempts: int = 0
+    canonical: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

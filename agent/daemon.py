@@ -1,0 +1,248 @@
+"""The composition root: builds connectors, resolver and policy from a ``Config``.
+
+The only module (with ``agent.pipeline``) that knows both the connectors and the state
+store. Connectors receive their collaborators ready-made (an ``httpx.Client``, a psycopg
+connection factory, a clock): they never read config themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+from psycopg.conninfo import make_conninfo
+
+from agent.config import Config, EntityConfig, SystemConfig, load_config
+from agent.errors import ConfigError, ConfigIssue
+from agent.logging import log_event
+from agent.resolve import Resolver
+from agent.retry import RetryPolicy
+from connectors import REGISTRY
+from connectors.auth import BearerAuth, ClientCredentials, JwtBearer, StaticToken, hs256_signer
+from connectors.base import Sink, Source
+from connectors.http import make_client
+from connectors.postgres import PostgresSink, PostgresSource, SinkTable, TableSpec, check_row_filter
+
+logger = logging.getLogger(__name__)
+
+
+def open_config(path: str | Path) -> Config:
+    """Load the config and run the connector-specific checks (row filters through pglast)."""
+    cfg = load_config(path)
+    issues: list[ConfigIssue] = []
+    for entity in cfg.entities.values():
+        for system, m in entity.systems.items():
+            sc = cfg.systems[system]
+            key = f"entities.{entity.name}.systems.{system}"
+            if sc.type == "postgres":
+                if "." not in m.object:
+                    issues.append(
+                        ConfigIssue(str(cfg.path), f"{key}.object", "name the table as schema.table")
+                    )
+                if m.row_filter:
+                    try:
+                        check_row_filter(m.row_filter, None, key=f"{key}.row_filter")
+                    except ConfigError as exc:
+                        issues += [ConfigIssue(str(cfg.path), e.key, e.reason) for e in exc.errors]
+            elif m.row_filter:
+                issues.append(
+                    ConfigIssue(str(cfg.path), f"{key}.row_filter", "row filters apply to postgres only")
+                )
+    seen: dict[tuple[str, str], str] = {}
+    for entity in cfg.entities.values():
+        for system, m in entity.systems.items():
+            other = seen.setdefault((system, m.object), entity.name)
+            if other != entity.name:
+                issues.append(
+                    ConfigIssue(
+                        str(cfg.path),
+                        f"entities.{entity.name}.systems.{system}.object",
+                        f"{m.object} is already mapped by entity {other}",
+                    )
+                )
+    if issues:
+        raise ConfigError(issues)
+    return cfg
+
+
+@dataclass
+class Runtime:
+    """Everything built from one config: sources, sinks, the resolver and retry policy."""
+
+    config: Config
+    sources: dict[str, Source]
+    sinks: dict[str, Sink]
+    resolver: Resolver
+    policy: RetryPolicy
+    clients: list[httpx.Client] = field(default_factory=list)
+
+    def close(self) -> None:
+        """Close HTTP clients and database connections the connectors hold."""
+        for c in self.clients:
+            c.close()
+        for conn in {id(x): x for x in [*self.sources.values(), *self.sinks.values()]}.values():
+            close = getattr(conn, "close", None)
+            if callable(close):
+                close()
+
+
+def build_runtime(config: Config, *, transport: httpx.BaseTransport | None = None) -> Runtime:
+    """Build every connector the config names, the resolver and the retry policy."""
+    sources: dict[str, Source] = {}
+    sinks: dict[str, Sink] = {}
+    clients: list[httpx.Client] = []
+    origins: set[str] = set()
+    for name, sc in config.systems.items():
+        if not sc.verify_tls:
+            log_event(
+                logger,
+                "tls_verification_disabled",
+                system=name,
+                level=logging.WARNING,
+                hint="set verify_tls = true unless this is a lab system",
+            )
+        builder = _BUILDERS[sc.type]
+        source, sink = builder(config, sc, transport, clients)
+        sources[name] = source
+        sinks[name] = sink
+        if sc.type == "postgres":
+            origins.add(str(sc.options["origin"]))
+    a = config.agent
+    policy = RetryPolicy(a.retry_base_seconds, a.retry_cap_seconds, a.max_attempts)
+    return Runtime(config, sources, sinks, Resolver(config, own_origins=frozenset(origins)), policy, clients)
+
+
+def pg_connect_factory(
+    sc: SystemConfig, *, application_name: str = "syncagent"
+) -> Callable[[], psycopg.Connection]:
+    """A function that opens a new connection to the system's PostgreSQL (password never logged)."""
+    o = sc.options
+    conninfo = make_conninfo(
+        host=o["host"],
+        port=o["port"],
+        dbname=o["dbname"],
+        user=o["user"],
+        sslmode=o["sslmode"],
+        connect_timeout=o["connect_timeout"],
+        application_name=application_name,
+    )
+    password = o.get("password")
+
+    def connect() -> psycopg.Connection:
+        kwargs: dict[str, Any] = {"password": password.reveal()} if password is not None else {}
+        return psycopg.connect(conninfo, **kwargs)
+
+    return connect
+
+
+def _split_table(name: str) -> tuple[str, str]:
+    schema, _, table = name.partition(".")
+    return schema, table
+
+
+def _pg(
+    config: Config, sc: SystemConfig, _t: httpx.BaseTransport | None, _c: list[httpx.Client]
+) -> tuple[Any, Any]:
+    connect = pg_connect_factory(sc)
+    o = sc.options
+    specs, sink_tables = [], {}
+    for entity, m in config.mappings_of(sc.name):
+        schema, table = _split_table(m.object)
+        specs.append(
+            TableSpec(
+                schema, table, row_filter=m.row_filter, key_columns=(m.key,), updated_at_column=m.updated_at
+            )
+        )
+        sink_tables[m.object] = SinkTable(schema, table, (m.key,))
+    source = PostgresSource(
+        sc.name,
+        connect,
+        slot=o["slot"],
+        publication=o["publication"],
+        origin=o["origin"],
+        tables=specs,
+        max_poll_bytes=int(o["max_poll_mb"]) * 2**20,
+        chunk_rows=o["chunk_rows"],
+    )
+    sink = PostgresSink(
+        sc.name,
+        pg_connect_factory(sc, application_name="syncagent-writer"),
+        origin=o["origin"],
+        tables=sink_tables,
+    )
+    return source, sink
+
+
+def _fields_of(config: Config, system: str) -> dict[str, tuple[EntityConfig, list[str]]]:
+    out: dict[str, tuple[EntityConfig, list[str]]] = {}
+    for entity, m in config.mappings_of(system):
+        cols = [r.columns[system] for r in entity.fields.values() if system in r.columns]
+        if m.external_id and m.external_id not in cols:
+            cols.append(m.external_id)
+        out[m.object] = (entity, cols)
+    return out
+
+
+def _http(
+    sc: SystemConfig, base_url: str, transport: httpx.BaseTransport | None, clients: list[httpx.Client]
+) -> httpx.Client:
+    client = make_client(base_url, timeout=sc.timeout_seconds, verify=sc.verify_tls, transport=transport)
+    clients.append(client)
+    return client
+
+
+def _salesforce(
+    config: Config, sc: SystemConfig, transport: httpx.BaseTransport | None, clients: list[httpx.Client]
+) -> tuple[Any, Any]:
+    from connectors.salesforce import ApiBudget, SalesforceConnector, SfObject
+
+    o = sc.options
+    client = _http(sc, o["instance_url"], transport, clients)
+    token_url = o["token_url"] or "/services/oauth2/token"
+    provider: Any
+    if o["auth"] == "jwt":
+        provider = JwtBearer(
+            client,
+            token_url,
+            client_id=o["client_id"].reveal(),
+            username=o["username"],
+            signer=hs256_signer(o["private_key"]),
+        )
+    else:
+        provider = ClientCredentials(
+            client, token_url, client_id=o["client_id"].reveal(), client_secret=o["client_secret"]
+        )
+    objects = {
+        obj: SfObject(obj, tuple(cols), m_ext(entity, sc.name))
+        for obj, (entity, cols) in _fields_of(config, sc.name).items()
+    }
+    conn = SalesforceConnector(
+        sc.name,
+        client,
+        auth=BearerAuth(provider),
+        api_version=o["api_version"],
+        objects=objects,
+        lookback=timedelta(seconds=o["lookback_seconds"]),
+        page_size=o["page_size"],
+        budget=ApiBudget(per_day=o["budget_per_day"], per_run=o["budget_per_run"]),
+    )
+    return conn, conn
+
+
+def m_ext(entity: EntityConfig, system: str) -> str | None:
+    """The external-id field an entity uses in ``system`` (None if it has none)."""
+    return entity.systems[system].external_id
+
+
+_BUILDERS: Mapping[str, Callable[..., tuple[Any, Any]]] = {
+    "postgres": _pg,
+    "salesforce": _salesforce,
+}
+assert set(_BUILDERS) <= set(REGISTRY) or not REGISTRY
+_ = StaticToken

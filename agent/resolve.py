@@ -1,0 +1,514 @@
+"""Resolve one journaled change into a decision: ops for the other systems, audit, exceptions.
+
+Pure: everything it needs to know about state comes through a ``StateView``, and the
+decision it returns is applied by ``agent.pipeline`` in the same transaction as the
+resolver's checkpoint. Per change: find the entity mapping, drop origin echoes, find or
+mint the canonical id (cross-reference, the counterpart's id stored in the record, or a
+natural key), map to canonical fields, compare with the shadow of the source system (what
+the agent last saw there: API echoes compare equal), apply field ownership, and build
+upserts keyed so that a replay cannot create twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from agent import ownership
+from agent.config import Config, EntityConfig, SystemMapping
+from agent.echo import changed_fields, is_origin_echo
+from agent.errors import DataError
+from agent.mapping import EntityMapper
+from agent.model import Change, JournalEntry, Op
+
+
+@dataclass(frozen=True, slots=True)
+class SeenValue:
+    """A shadow entry as the resolver needs it: the value and when its system changed it."""
+
+    value: Any
+    source_ts: datetime | None
+
+
+class StateView(Protocol):
+    """What the resolver may ask of state (read-only)."""
+
+    def canonical_id(self, entity: str, system: str, external_id: str) -> str | None:
+        """The canonical id linked to a system's record, if any."""
+        ...
+
+    def external_id(self, entity: str, canonical_id: str, system: str) -> str | None:
+        """The id of the canonical record in ``system``, if linked."""
+        ...
+
+    def shadow(self, entity: str, canonical_id: str, system: str) -> Mapping[str, SeenValue]:
+        """Last values the agent saw in, or wrote to, ``system`` for this record."""
+        ...
+
+    def find_natural(self, entity: str, field: str, value: Any) -> str | None:
+        """The canonical id of a record of ``entity`` whose natural key ``field`` equals ``value``."""
+        ...
+
+    def new_canonical_id(self) -> str:
+        """Mint a canonical id."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ProblemItem:
+    """An exception-queue item the decision opens."""
+
+    kind: str
+    reason: str
+    detail: str
+    field: str | None = None
+    blocking_ref: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditItem:
+    """An audit row the decision writes."""
+
+    action: str
+    detail: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Everything resolving one change produced; applied atomically by the pipeline."""
+
+    fate: str
+    detail: str | None = None
+    entity: str | None = None
+    canonical_id: str | None = None
+    link: tuple[str, str] | None = None
+    seen: Mapping[str, Any] = field(default_factory=dict)
+    natural: tuple[tuple[str, Any], ...] = ()
+    ops: tuple[Op, ...] = ()
+    problems: tuple[ProblemItem, ...] = ()
+    audits: tuple[AuditItem, ...] = ()
+
+
+class Resolver:
+    """Turns journal entries into decisions under one configuration."""
+
+    def __init__(self, config: Config, *, own_origins: frozenset[str]) -> None:
+        self.config = config
+        self.own_origins = own_origins
+        self._mappers = {name: EntityMapper(e) for name, e in config.entities.items()}
+        self._by_object: dict[tuple[str, str], EntityConfig] = {}
+        for e in config.entities.values():
+            for system, m in e.systems.items():
+                self._by_object[(system, m.object)] = e
+
+    def entity_for(self, system: str, object_name: str) -> EntityConfig | None:
+        """The entity that ``system`` stores in ``object_name``, if mapped."""
+        return self._by_object.get((system, object_name))
+
+    def mapper(self, entity: str) -> EntityMapper:
+        """The field mapper of ``entity``."""
+        return self._mappers[entity]
+
+    def resolve(self, entry: JournalEntry, view: StateView) -> Decision:
+        """Decide what one journaled change means for the other systems."""
+        c = entry.change
+        entity = self.entity_for(c.source, c.object_name)
+        if entity is None:
+            return Decision("skipped", "object not mapped")
+        if is_origin_echo(c, self.own_origins):
+            return Decision("echo", f"origin {c.origin}", entity=entity.name)
+        if c.op == "truncate":
+            return Decision(
+                "exception",
+                "truncate of a mapped table",
+                entity=entity.name,
+                problems=(
+                    ProblemItem(
+                        "source_event",
+                        "truncate",
+                        f"{c.object_name} was truncated in {c.source}; "
+                        "nothing was propagated: review, then resync or resolve",
+                    ),
+                ),
+            )
+        m = entity.systems[c.source]
+        rid = _record_id(c, m)
+        if rid is None:
+            return Decision(
+                "exception",
+                "no key",
+                entity=entity.name,
+                problems=(
+                    ProblemItem("mapping", "missing_key", f"{c.object_name} change has no {m.key}", m.key),
+                ),
+            )
+        try:
+            return _Resolution(self, entity, m, entry, rid, view).run()
+        except DataError as exc:
+            return Decision(
+                "exception",
+                exc.reason,
+                entity=entity.name,
+                problems=(ProblemItem("mapping", "invalid_value", str(exc), exc.field),),
+            )
+
+
+def _record_id(c: Change, m: SystemMapping) -> str | None:
+    key = c.old_key if (c.op == "delete" and c.old_key) else c.key
+    value = key.get(m.key, c.fields.get(m.key))
+    return None if value is None else str(value)
+
+
+class _Resolution:
+    """The work of resolving one change (kept apart so each step stays small)."""
+
+    def __init__(
+        self,
+        r: Resolver,
+        entity: EntityConfig,
+        m: SystemMapping,
+        entry: JournalEntry,
+        rid: str,
+        view: StateView,
+    ) -> None:
+        self.r, self.entity, self.m, self.entry, self.rid, self.view = r, entity, m, entry, rid, view
+        self.c = entry.change
+        self.mapper = r.mapper(entity.name)
+        self.audits: list[AuditItem] = []
+        self.problems: list[ProblemItem] = []
+        self.ops: list[Op] = []
+
+    def run(self) -> Decision:
+        c, view, name = self.c, self.view, self.entity.name
+        canonical = self.mapper.to_canonical(c.source, c.fields, record=self._record(), refs=self._ref_in)
+        cid, new = self._canonical_id(canonical)
+        natural = tuple((f, canonical[f]) for f in {self.m.match_on} if f and f in canonical)
+        if c.op == "delete":
+            return self._delete(cid)
+        seen_before = view.shadow(name, cid, c.source)
+        changed = changed_fields(canonical, {k: v.value for k, v in seen_before.items()})
+        if not changed and not new:
+            return Decision("noop", "in step", entity=name, canonical_id=cid, link=(c.source, self.rid))
+        for target in self.entity.systems:
+            if target != c.source:
+                self._for_target(target, cid, canonical, changed, seen_before)
+        fate = "queued" if self.ops else self._fate_without_ops()
+        detail = f"{len(changed)} field(s) changed" if self.ops else None
+        return Decision(
+            fate,
+            detail,
+            entity=name,
+            canonical_id=cid,
+            link=(c.source, self.rid),
+            seen=canonical,
+            natural=natural,
+            ops=tuple(self.ops),
+            problems=tuple(self.problems),
+            audits=tuple(self.audits),
+        )
+
+    def _fate_without_ops(self) -> str:
+        if self.problems:
+            return "exception"
+        actions = {a.action for a in self.audits}
+        if "conflict_resolved" in actions:
+            return "conflict"
+        if "ownership_ignored" in actions:
+            return "ignored"
+        return "noop"
+
+    def _record(self) -> str:
+        return f"{self.c.source}:{self.c.object_name}:{self.rid}"
+
+    def _canonical_id(self, canonical: Mapping[str, Any]) -> tuple[str, bool]:
+        c, view, name = self.c, self.view, self.entity.name
+        cid = view.canonical_id(name, c.source, self.rid)
+        if cid:
+            return cid, False
+        counterpart = self.m.external_id and c.fields.get(self.m.external_id)
+        if counterpart:
+            for other in self.entity.systems:
+                if other != c.source:
+                    cid = view.canonical_id(name, other, str(counterpart))
+                    if cid:
+                        return cid, False
+        if self.m.match_on and canonical.get(self.m.match_on) is not None:
+            cid = view.find_natural(name, self.m.match_on, canonical[self.m.match_on])
+            if cid:
+                return cid, False
+        return view.new_canonical_id(), True
+
+    def _ref_in(self, ref_entity: str, system: str, value: Any) -> Any:
+        return self.view.canonical_id(ref_entity, system, str(value))
+
+    def _ref_out_for(self, target: str):  # type: ignore[no-untyped-def]
+        def translate(ref_entity: str, _system: str, value: Any) -> Any:
+            return self.view.external_id(ref_entity, str(value), target)
+
+        return translate
+
+    def _delete(self, cid: str) -> Decision:
+        name, c = self.entity.name, self.c
+        policy = self.entity.on_delete
+        if policy == "ignore":
+            return Decision(
+                "ignored",
+                "delete ignored by policy",
+                entity=name,
+                canonical_id=cid,
+                audits=(AuditItem("delete_ignored", {"system": c.source, "record": self.rid}),),
+            )
+        if policy == "exception":
+            return Decision(
+                "exception",
+                "delete parked for review",
+                entity=name,
+                canonical_id=cid,
+                problems=(
+                    ProblemItem(
+                        "source_event",
+                        "deleted_in_source",
+                        f"{self._record()} was deleted in {c.source}; review before deleting elsewhere",
+                    ),
+                ),
+            )
+        for target, tm in self.entity.systems.items():
+            tid = self.view.external_id(name, cid, target) if target != c.source else None
+            if tid:
+                self.ops.append(self._op(target, tm, cid, "delete", {tm.key: tid}, {}, {}))
+        return Decision(
+            "queued" if self.ops else "noop", "delete", entity=name, canonical_id=cid, ops=tuple(self.ops)
+        )
+
+    def _for_target(
+        self,
+        target: str,
+        cid: str,
+        canonical: Mapping[str, Any],
+        changed: Mapping[str, Any],
+        seen_before: Mapping[str, SeenValue],
+    ) -> None:
+        name, c = self.entity.name, self.c
+        tm = self.entity.systems[target]
+        tid = self.view.external_id(name, cid, target)
+        seen_target = self.view.shadow(name, cid, target)
+        out: dict[str, Any] = {}
+        revert: dict[str, Any] = {}
+        for fname, value in changed.items():
+            rule = self.entity.fields[fname]
+            if target not in rule.columns:
+                continue
+            theirs = seen_target.get(fname)
+            before = seen_before.get(fname)
+            other_changed = (
+                theirs is not None
+                and before is not None
+                and theirs.value != before.value
+                and theirs.value != value
+            )
+            d = ownership.decide(
+                self.entity,
+                rule,
+                source=c.source,
+                other_changed=other_changed,
+                source_ts=c.source_ts,
+                other_ts=theirs.source_ts if theirs else None,
+            )
+            audit = {
+                "field": fname,
+                "source": c.source,
+                "target": target,
+                "reason": d.reason,
+                "source_ts": _iso(c.source_ts),
+                "other_ts": _iso(theirs.source_ts if theirs else None),
+                "new_value": value,
+                "other_value": theirs.value if theirs else None,
+            }
+            if d.verdict == "propagate":
+                if theirs is None or theirs.value != value or tid is None:
+                    out[fname] = value
+            elif d.verdict == "conflict_won":
+                out[fname] = value
+                self.audits.append(AuditItem("conflict_resolved", {**audit, "winner": c.source}))
+            elif d.verdict == "conflict_lost":
+                self.audits.append(AuditItem("conflict_resolved", {**audit, "winner": target}))
+                if theirs is not None:
+                    revert[fname] = theirs.value
+            elif d.verdict == "ignore":
+                self.audits.append(AuditItem("ownership_ignored", audit))
+            elif d.verdict == "revert" and theirs is not None and rule.owner == target:
+                revert[fname] = theirs.value
+                self.audits.append(AuditItem("ownership_reverted", audit))
+            elif d.verdict == "exception" and rule.owner == target:
+                self.audits.append(AuditItem("ownership_exception", audit))
+                self.problems.append(
+                    ProblemItem(
+                        "ownership",
+                        "non_owner_edit",
+                        f"{fname} is owned by {rule.owner} but changed in {c.source}",
+                        fname,
+                    )
+                )
+        if tid is None:
+            out = self._create_fields(target, cid, canonical)
+        if out:
+            self._upsert(target, tm, cid, tid, out)
+        if revert:
+            sm = self.m
+            native = self.mapper.to_native(
+                c.source, revert, record=self._record(), refs=self._ref_out_for(c.source)
+            )
+            self.ops.append(
+                Op(
+                    idempotency_key=f"{c.source}:{c.position}:revert:{target}",
+                    target=c.source,
+                    entity=name,
+                    canonical_id=cid,
+                    object_name=sm.object,
+                    action="upsert",
+                    key={sm.key: self.rid},
+                    fields=native,
+                    trace_id=c.trace_id,
+                    source_seq=self.entry.seq,
+                    canonical=revert,
+                )
+            )
+
+    def _create_fields(self, target: str, cid: str, canonical: Mapping[str, Any]) -> dict[str, Any]:
+        """All fields a new record in ``target`` gets: everything known that ``target`` does not own."""
+        known = {k: v.value for k, v in self.view.shadow(self.entity.name, cid, self.c.source).items()}
+        known.update(canonical)
+        fields = {
+            k: v
+            for k, v in known.items()
+            if k in self.entity.fields
+            and self.entity.fields[k].owner != target
+            and target in self.entity.fields[k].columns
+        }
+        missing = [
+            r.name
+            for r in self.entity.fields.values()
+            if r.required and target in r.columns and r.owner != target and fields.get(r.name) is None
+        ]
+        if missing:
+            self.problems.append(
+                ProblemItem(
+                    "validation",
+                    "missing_required_field",
+                    f"cannot create in {target}: {', '.join(missing)} missing",
+                    missing[0],
+                )
+            )
+            return {}
+        return fields
+
+    def _upsert(
+        self, target: str, tm: SystemMapping, cid: str, tid: str | None, out: Mapping[str, Any]
+    ) -> None:
+        c = self.c
+        try:
+            native = self.mapper.to_native(target, out, record=self._record(), refs=self._ref_out_for(target))
+        except DataError as exc:
+            self.problems.append(
+                ProblemItem(
+                    "dependency",
+                    "reference_not_linked",
+                    str(exc),
+                    exc.field,
+                    blocking_ref=f"{self.entity.name}:{cid}",
+                )
+            )
+            return
+        if tid is not None:
+            key: dict[str, Any] = {tm.key: tid}
+        elif tm.external_id:
+            key = {tm.external_id: self.rid}
+        else:
+            self.problems.append(
+                ProblemItem(
+                    "mapping",
+                    "no_external_id",
+                    f"cannot create in {target} idempotently: set entities.{self.entity.name}.systems.{target}"
+                    ".external_id",
+                    None,
+                )
+            )
+            return
+        if tid is not None and tm.external_id:
+            native[tm.external_id] = self.rid
+        self.ops.append(
+            Op(
+                idempotency_key=f"{c.source}:{c.position}:{target}",
+                target=target,
+                entity=self.entity.name,
+                canonical_id=cid,
+                object_name=tm.object,
+                action="upsert",
+                key=key,
+                fields=native,
+                trace_id=c.trace_id,
+                source_seq=self.entry.seq,
+                canonical=dict(out),
+            )
+        )
+
+    def _op(
+        self,
+        target: str,
+        tm: SystemMapping,
+        cid: str,
+        action: str,
+        key: Mapping[str, Any],
+        fields: Mapping[str, Any],
+        canonical: Mapping[str, Any],
+    ) -> Op:
+        c = self.c
+        return Op(
+            idempotency_key=f"{c.source}:{c.position}:{target}",
+            target=target,
+            entity=self.entity.name,
+            canonical_id=cid,
+            object_name=tm.object,
+            action=action,  # type: ignore[arg-type]
+            key=key,
+            fields=fields,
+            trace_id=c.trace_id,
+            source_seq=self.entry.seq,
+            canonical=canonical,
+        )
+
+
+def _iso(ts: datetime | None) -> str | None:
+    return ts.isoformat() if ts else None
+
+
+def writeback_ops(config: Config, created: Op, external_id: str, members: Mapping[str, str]) -> list[Op]:
+    """Ops that store a newly created record's id in its counterparts' external-id fields.
+
+    Example: a customer created in the ERP from the CRM gets its ERP id written into the
+    CRM account's ``ERP_Id__c``, so the CRM shows it and later matches never depend on us.
+    """
+    entity = config.entities.get(created.entity)
+    if entity is None:
+        return []
+    ops = []
+    for system, m in entity.systems.items():
+        if system == created.target or not m.external_id or system not in members:
+            continue
+        ops.append(
+            Op(
+                idempotency_key=f"writeback:{created.entity}:{created.canonical_id}:{system}:{created.target}:{external_id}",
+                target=system,
+                entity=created.entity,
+                canonical_id=created.canonical_id,
+                object_name=m.object,
+                action="upsert",
+                key={m.key: members[system]},
+                fields={m.external_id: external_id},
+                trace_id=created.trace_id,
+                source_seq=None,
+            )
+        )
+    return ops
