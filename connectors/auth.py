@@ -18,9 +18,10 @@ its 5xx/429/network failures raise retryable errors. Messages never contain secr
 Pass the auth per request (``auth=``), not as the client's default, so a provider may
 share the client it authenticates for without recursing into itself.
 
-``JwtBearer`` signs its assertion with a pluggable ``signer`` (bytes -> signature bytes)
-named by ``algorithm``: RS256 needs a signer built from the app's private key by the
-caller; ``hs256_signer`` serves tests and the sandbox emulator.
+``JwtBearer`` signs its assertion with a pluggable ``signer`` (bytes -> signature bytes):
+RS256 needs a signer built from the app's private key by the caller (the ``cryptography``
+package is not a dependency); ``hs256_signer`` serves tests and the sandbox emulator.
+``Secret`` is ``agent.model.Secret``, re-exported here for the connectors.
 """
 
 from __future__ import annotations
@@ -37,41 +38,12 @@ from typing import Any, Protocol, runtime_checkable
 import httpx
 
 from agent.errors import AuthError
-from agent.model import utcnow
+from agent.model import Secret, utcnow
 from connectors.http import HttpStatusFailure, classify_http, json_body, raise_for_status
 
 Signer = Callable[[bytes], bytes]
 
 JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
-
-
-class Secret:
-    """A credential value whose ``repr`` and ``str`` are ``***``; ``reveal()`` returns it."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        """Return the wrapped value (only at the point of use)."""
-        return self._value
-
-    def __repr__(self) -> str:
-        return "***"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Secret):
-            return NotImplemented
-        return hmac.compare_digest(self._value.encode(), other._value.encode())
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
 
 
 @runtime_checkable
@@ -250,8 +222,10 @@ class ClientCredentials(_OAuthToken):
 class JwtBearer(_OAuthToken):
     """OAuth2 JWT bearer grant (Salesforce): a short-lived signed assertion buys a session.
 
-    ``signer`` signs ``header.payload`` bytes with the algorithm named by ``algorithm``
-    (RS256 in production, from the connected app's private key; HS256 in tests).
+    The assertion's ``iss`` is the connected app's consumer key (``client_id``), ``sub`` the
+    integration user's ``username`` and ``aud`` the login host. ``signer`` signs the
+    ``header.payload`` bytes; the header's ``alg`` is ``algorithm``, else the signer's own
+    ``algorithm`` attribute (``hs256_signer`` sets ``"HS256"``), else RS256.
     """
 
     def __init__(
@@ -259,22 +233,22 @@ class JwtBearer(_OAuthToken):
         client: httpx.Client,
         token_url: str,
         *,
-        issuer: str,
-        subject: str,
-        audience: str,
+        client_id: str,
+        username: str,
         signer: Signer,
-        algorithm: str = "RS256",
+        audience: str = "https://login.salesforce.com",
+        algorithm: str | None = None,
         assertion_lifetime: timedelta = timedelta(minutes=3),
         clock: Callable[[], datetime] = utcnow,
         margin: timedelta = timedelta(seconds=60),
         session_lifetime: timedelta = timedelta(hours=2),
     ) -> None:
         super().__init__(client, token_url, clock=clock, margin=margin, session_lifetime=session_lifetime)
-        self._issuer = issuer
-        self._subject = subject
+        self._issuer = client_id
+        self._subject = username
         self._audience = audience
         self._signer = signer
-        self._algorithm = algorithm
+        self._algorithm = algorithm or str(getattr(signer, "algorithm", "RS256"))
         self._assertion_lifetime = assertion_lifetime
 
     def assertion(self) -> str:
@@ -299,6 +273,7 @@ def hs256_signer(key: Secret) -> Signer:
     def sign(data: bytes) -> bytes:
         return hmac.new(key.reveal().encode(), data, hashlib.sha256).digest()
 
+    sign.algorithm = "HS256"  # type: ignore[attr-defined]
     return sign
 
 
