@@ -44,6 +44,12 @@ _DB_MISSING = re.compile(r'database "[^"]*" does not exist')
 _SLOT_MISSING = re.compile(r'replication slot "([^"]*)" does not exist')
 _PUB_MISSING = re.compile(r'publication "([^"]*)" does not exist')
 _SLOT_INVALID = re.compile(r'replication slot "([^"]*)"')
+# libpq's connection-failure text: 'connection failed: connection to server at "h" (ip), port p
+# failed: FATAL:  reason', or psycopg's own 'failed to resolve host 'h': reason'.
+_SERVER_AT = re.compile(r'connection to server at "([^"]*)"(?: \([^)]*\))?, port (\d+) failed: ')
+_SERVER_SOCKET = re.compile(r'connection to server on socket "([^"]*)" failed: ')
+_RESOLVE = re.compile(r"failed to resolve host '([^']*)': ")
+_NOISE = re.compile(r"^(?:connection failed: )?|(?:FATAL|ERROR):\s+")
 _SECRET = re.compile(r"(password\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
 
 
@@ -66,12 +72,27 @@ def _first_line(exc: psycopg.Error) -> str:
     primary = exc.diag.message_primary if exc.sqlstate else None
     text = primary or str(exc) or type(exc).__name__
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return _redact(lines[0] if lines else text)
+    line = lines[0] if lines else text
+    if not exc.sqlstate:
+        for pattern in (_SERVER_AT, _SERVER_SOCKET, _RESOLVE):
+            line = pattern.sub("", line)
+        line = _NOISE.sub("", line)
+    return _redact(line.strip() or type(exc).__name__)
 
 
 def _server_of(exc: psycopg.Error, target: str | None) -> str:
     if target:
         return target
+    text = str(exc)
+    found = _SERVER_AT.search(text)
+    if found:
+        return f"{found.group(1)}:{found.group(2)}"
+    found = _RESOLVE.search(text)
+    if found:
+        return f"host {found.group(1)!r} (name not resolved)"
+    found = _SERVER_SOCKET.search(text)
+    if found:
+        return f"socket {found.group(1)}"
     pgconn = exc.pgconn
     if pgconn is not None:
         try:
@@ -131,7 +152,7 @@ def classify(
                 "password credential and pg_hba.conf"
             )
         if _DB_MISSING.search(reason):
-            return PermanentError(f"{what}: {reason} on {server}. Fix: correct the dbname in the DSN")
+            return PermanentError(f"{what}: {server}: {reason}. Fix: correct the dbname in the DSN")
         if isinstance(err, psycopg.OperationalError | psycopg.InterfaceError):
             return RetryableError(
                 f"{what}: cannot reach PostgreSQL at {server}: {reason}. Fix: check that the server "

@@ -105,7 +105,8 @@ def test_ensure_alters_publication_when_tables_or_filter_change(erp: Names) -> N
     filtered = [TableSpec("public", "orders", row_filter="amount > 0"), LINES]
     again = _ensure(erp, filtered)
     assert again[0] == (
-        f'ALTER PUBLICATION "{erp.publication}" SET TABLE "public"."lines", "public"."orders" WHERE (amount > 0)'
+        f'ALTER PUBLICATION "{erp.publication}" SET TABLE '
+        '"public"."lines", "public"."orders" WHERE (amount > 0)'
     )
     assert len(again) == 2  # slot and origin already exist
     assert _ensure(erp, filtered) == []
@@ -186,7 +187,9 @@ def test_advance_moves_only_forward_when_called_with_older_lsn(erp: Names) -> No
     _ensure(erp, [ORDERS])
     with erp.conn() as conn:
         conn.execute("INSERT INTO public.orders VALUES (1, 'open', 1)")
-        target = str_to_lsn(conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()[0])
+        row = conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()
+        assert row is not None
+        target = str_to_lsn(row[0])
         assert advance(conn, erp.slot, target) is True
         assert str_to_lsn(slot_lag(conn, erp.slot).confirmed_flush_lsn) == target
         assert advance(conn, erp.slot, target - 8) is False

@@ -141,3 +141,20 @@ def test_classify_pg_keeps_syncagent_errors_when_already_classified() -> None:
     with pytest.raises(CursorUnavailable) as info, classify_pg("x"):
         raise original
     assert info.value is original
+
+
+@pytest.mark.parametrize(
+    ("text", "server"),
+    [
+        (
+            'connection failed: connection to server at "db.erp.lan" (10.1.2.3), port 6432 failed: timeout',
+            "db.erp.lan:6432",
+        ),
+        ("failed to resolve host 'db.nowhere': [Errno -2] Name or service not known", "'db.nowhere'"),
+    ],
+)
+def test_classify_pg_finds_server_in_message_when_no_target_given(text: str, server: str) -> None:
+    err = _raise_in(psycopg.OperationalError(text))
+    assert isinstance(err, RetryableError)
+    assert server in str(err)
+    assert "connection failed: connection to server" not in str(err)
