@@ -13,8 +13,6 @@ emulator's settable clock; no ``$expand``, ``$batch``, ``$count`` or concurrency
 
 from __future__ import annotations
 
-import base64
-import json
 import math
 import secrets
 import uuid
@@ -35,8 +33,14 @@ from connectors.dynamics.emulator_store import (
     VERSION_MISMATCH,
     DataverseFault,
     EmulatedStore,
+    SortKey,
     TableSpec,
+    compare_rows,
+    decode_state,
     default_tables,
+    encode_state,
+    pack,
+    unpack,
 )
 from connectors.dynamics.odata import (
     ODataSyntaxError,
@@ -398,7 +402,7 @@ class DynamicsEmulator(EmulatorApp):
         names = [name for name, _ in order]
         descending = [desc for _, desc in order]
         rows = [r for r in self.store.rows[spec.entity_set].values() if where is None or evaluate(where, r)]
-        rows.sort(key=lambda r: _SortKey([r.get(n) for n in names], descending))
+        rows.sort(key=lambda r: SortKey([r.get(n) for n in names], descending))
         body: dict[str, Any] = {"@odata.context": self._context(request, spec, select)}
         top = request.arg("$top")
         if top is not None:  # $top caps the total and never pages
@@ -406,12 +410,12 @@ class DynamicsEmulator(EmulatorApp):
             return body
         skip = request.arg("$skiptoken")
         if skip:
-            after = [_unpack(v) for v in _decode_state(skip).get("after", [])]
-            rows = [r for r in rows if _cmp_rows([r.get(n) for n in names], after, descending) > 0]
+            after = [unpack(v) for v in decode_state(skip).get("after", [])]
+            rows = [r for r in rows if compare_rows([r.get(n) for n in names], after, descending) > 0]
         page = rows[:page_size]
         body["value"] = [self._render(spec, r, select) for r in page]
         if len(rows) > page_size:
-            cookie = _encode_state({"after": [_pack(page[-1].get(n)) for n in names]})
+            cookie = encode_state({"after": [pack(page[-1].get(n)) for n in names]})
             body["@odata.nextLink"] = self._link(request, spec, {"$skiptoken": cookie})
         return body
 
@@ -420,7 +424,7 @@ class DynamicsEmulator(EmulatorApp):
     ) -> dict[str, Any]:
         # Every row in key order; the delta token on the last page dates from the first page,
         # so changes made during a long walk come again in the next delta (never lost).
-        state = _decode_state(request.arg("$skiptoken") or "") if request.arg("$skiptoken") else {}
+        state = decode_state(request.arg("$skiptoken") or "") if request.arg("$skiptoken") else {}
         v0 = int(state.get("v0", self.store.version))
         t0 = str(state.get("t0") or self.now().strftime(_TOKEN_TIME))
         after = state.get("after")
@@ -434,7 +438,7 @@ class DynamicsEmulator(EmulatorApp):
             "value": [self._render(spec, r, select) for r in page],
         }
         if len(rows) > page_size:
-            cookie = _encode_state({"v0": v0, "t0": t0, "after": page[-1][spec.primary_key]})
+            cookie = encode_state({"v0": v0, "t0": t0, "after": page[-1][spec.primary_key]})
             body["@odata.nextLink"] = self._link(request, spec, {"$skiptoken": cookie})
         else:
             body["@odata.deltaLink"] = self._link(request, spec, {"$deltatoken": f"{v0}!{t0}"})
@@ -460,7 +464,7 @@ class DynamicsEmulator(EmulatorApp):
         self, request: EmuRequest, spec: TableSpec, select: list[str] | None, page_size: int, token: str
     ) -> dict[str, Any]:
         since = self._check_token(token)
-        state = _decode_state(request.arg("$skiptoken") or "") if request.arg("$skiptoken") else {}
+        state = decode_state(request.arg("$skiptoken") or "") if request.arg("$skiptoken") else {}
         upto = int(state.get("upto", self.store.version))
         at = str(state.get("at") or self.now().strftime(_TOKEN_TIME))
         position = (int(state.get("phase", -1)), int(state.get("last", since)))
@@ -475,7 +479,7 @@ class DynamicsEmulator(EmulatorApp):
         ]
         body = {"@odata.context": self._context(request, spec, select) + "/$delta", "value": values}
         if len(entries) > page_size:
-            cookie = _encode_state({"upto": upto, "at": at, "phase": page[-1][0], "last": page[-1][1]})
+            cookie = encode_state({"upto": upto, "at": at, "phase": page[-1][0], "last": page[-1][1]})
             body["@odata.nextLink"] = self._link(request, spec, {"$deltatoken": token, "$skiptoken": cookie})
         else:
             body["@odata.deltaLink"] = self._link(request, spec, {"$deltatoken": f"{upto}!{at}"})
@@ -562,64 +566,3 @@ def _prefer(header: str | None) -> dict[str, str]:
         if name:
             out[name.strip().lower()] = value.strip().strip('"')
     return out
-
-
-def _encode_state(state: Mapping[str, Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(state, separators=(",", ":")).encode()).decode()
-
-
-def _decode_state(token: str) -> dict[str, Any]:
-    try:
-        state = json.loads(base64.urlsafe_b64decode(token.encode()))
-    except (ValueError, TypeError) as exc:
-        raise DataverseFault(400, BAD_REQUEST, "The $skiptoken value is not valid.") from exc
-    if not isinstance(state, dict):
-        raise DataverseFault(400, BAD_REQUEST, "The $skiptoken value is not valid.")
-    return state
-
-
-def _pack(value: Any) -> list[Any]:
-    if isinstance(value, datetime):
-        return ["dt", value.isoformat()]
-    if value is None or isinstance(value, bool | int | str):
-        return ["raw", value]
-    return ["dec", str(value)]
-
-
-def _unpack(item: Sequence[Any]) -> Any:
-    tag, value = item[0], item[1]
-    if tag == "dt":
-        return datetime.fromisoformat(value)
-    return Decimal(value) if tag == "dec" else value
-
-
-def _cmp(a: Any, b: Any) -> int:
-    if a is None or b is None:
-        return (a is not None) - (b is not None)
-    if isinstance(a, str) and isinstance(b, str):
-        a, b = a.casefold(), b.casefold()
-    try:
-        return int(a > b) - int(a < b)
-    except TypeError:
-        return int(str(a) > str(b)) - int(str(a) < str(b))
-
-
-def _cmp_rows(a: Sequence[Any], b: Sequence[Any], descending: Sequence[bool]) -> int:
-    for x, y, desc in zip(a, b, descending, strict=True):
-        c = _cmp(x, y)
-        if c:
-            return -c if desc else c
-    return 0
-
-
-class _SortKey:
-    """Orders rows by several columns with per-column direction (nulls first when ascending)."""
-
-    __slots__ = ("values", "descending")
-
-    def __init__(self, values: list[Any], descending: list[bool]) -> None:
-        self.values = values
-        self.descending = descending
-
-    def __lt__(self, other: _SortKey) -> bool:
-        return _cmp_rows(self.values, other.values, self.descending) < 0

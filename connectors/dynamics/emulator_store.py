@@ -8,10 +8,13 @@ A failure raises ``DataverseFault`` carrying the status and Dataverse error body
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 from urllib.parse import unquote
 
@@ -264,3 +267,70 @@ class EmulatedStore:
         out += [(1, v, rid) for rid, v in self.tombstones[spec.entity_set].items() if since < v <= upto]
         out.sort()
         return out
+
+
+# --- ordering and paging cookies -------------------------------------------------------------
+def encode_state(state: Mapping[str, Any]) -> str:
+    """Encode a paging cookie (opaque to clients: base64 of JSON)."""
+    return base64.urlsafe_b64encode(json.dumps(state, separators=(",", ":")).encode()).decode()
+
+
+def decode_state(token: str) -> dict[str, Any]:
+    """Decode a paging cookie made by ``encode_state``."""
+    try:
+        state = json.loads(base64.urlsafe_b64decode(token.encode()))
+    except (ValueError, TypeError) as exc:
+        raise DataverseFault(400, BAD_REQUEST, "The $skiptoken value is not valid.") from exc
+    if not isinstance(state, dict):
+        raise DataverseFault(400, BAD_REQUEST, "The $skiptoken value is not valid.")
+    return state
+
+
+def pack(value: Any) -> list[Any]:
+    """Make a column value JSON-safe for a paging cookie."""
+    if isinstance(value, datetime):
+        return ["dt", value.isoformat()]
+    if value is None or isinstance(value, bool | int | str):
+        return ["raw", value]
+    return ["dec", str(value)]
+
+
+def unpack(item: Sequence[Any]) -> Any:
+    """Undo ``pack``."""
+    tag, value = item[0], item[1]
+    if tag == "dt":
+        return datetime.fromisoformat(value)
+    return Decimal(value) if tag == "dec" else value
+
+
+def _cmp(a: Any, b: Any) -> int:
+    if a is None or b is None:
+        return (a is not None) - (b is not None)
+    if isinstance(a, str) and isinstance(b, str):
+        a, b = a.casefold(), b.casefold()
+    try:
+        return int(a > b) - int(a < b)
+    except TypeError:
+        return int(str(a) > str(b)) - int(str(a) < str(b))
+
+
+def compare_rows(a: Sequence[Any], b: Sequence[Any], descending: Sequence[bool]) -> int:
+    """Compare two sort tuples column by column (-1, 0, 1), honouring each direction."""
+    for x, y, desc in zip(a, b, descending, strict=True):
+        c = _cmp(x, y)
+        if c:
+            return -c if desc else c
+    return 0
+
+
+class SortKey:
+    """Orders rows by several columns with per-column direction (nulls first when ascending)."""
+
+    __slots__ = ("values", "descending")
+
+    def __init__(self, values: list[Any], descending: list[bool]) -> None:
+        self.values = values
+        self.descending = descending
+
+    def __lt__(self, other: SortKey) -> bool:
+        return compare_rows(self.values, other.values, self.descending) < 0
