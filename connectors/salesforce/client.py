@@ -162,7 +162,8 @@ class SalesforceConnector:
         if pos.upto is not None and pos.ts is not None:
             soql = build_query(obj, after=(pos.ts, pos.id), since=None, upto=pos.upto)
         else:
-            since = pos.ts - self._lookback if pos.ts is not None else None
+            # the look-back re-reads behind a caught-up cursor; a configured start is exact
+            since = pos.ts - self._lookback if cursor is not None and pos.ts is not None else pos.ts
             soql = build_query(obj, after=None, since=since, upto=None)
         resource = "queryAll" if obj.use_query_all else "query"
         first = self._call(

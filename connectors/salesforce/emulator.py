@@ -30,13 +30,14 @@ from connectors.emulator import EmulatorApp, EmuRequest, EmuResponse
 from connectors.salesforce.schema import (
     STAGES,
     RowFailure,
-    Rule,
     SfField,
     SfSchema,
-    coerce_value,
+    check_write,
     default_schemas,
 )
-from connectors.salesforce.soql import SoqlError, evaluate, parse_soql
+from connectors.salesforce.soql import SoqlError, evaluate, parse_soql, validate
+
+__all__ = ["SalesforceEmulator", "SfField", "SfSchema", "default_schemas"]
 
 _B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _SUFFIX = "ABCDEFGHIJKLMNOPQRSTUVWXYZ012345"
@@ -128,29 +129,6 @@ class SalesforceEmulator(EmulatorApp):
         """Forget every open query locator (their pages answer 400 INVALID_QUERY_LOCATOR)."""
         with self._lock:
             self._locators.clear()
-
-    def require(self, obj: str, field_name: str) -> None:
-        """Make ``field_name`` of ``obj`` required on create and update."""
-        with self._lock:
-            schema = self._schema_of(obj)
-            f = schema.fields[field_name]
-            schema.fields[field_name] = SfField(
-                f.name, f.type, f.external_id, f.unique, True, f.picklist, f.updateable, f.length
-            )
-
-    def restrict_picklist(self, obj: str, field_name: str, values: Sequence[str]) -> None:
-        """Turn ``field_name`` into a restricted picklist of ``values``."""
-        with self._lock:
-            schema = self._schema_of(obj)
-            f = schema.fields[field_name]
-            schema.fields[field_name] = SfField(
-                f.name, "picklist", f.external_id, f.unique, f.required, tuple(values), f.updateable, f.length
-            )
-
-    def add_rule(self, obj: str, rule: Rule) -> None:
-        """Add a validation rule: it sees the merged record and returns (code, message, fields)."""
-        with self._lock:
-            self._schema_of(obj).rules.append(rule)
 
     # --- direct data access (no validation, no API usage) -------------------------------
     def insert(self, obj: str, fields: Mapping[str, Any], *, at: datetime | None = None) -> str:
@@ -414,22 +392,16 @@ class SalesforceEmulator(EmulatorApp):
             out[name] = value.strftime("%Y-%m-%dT%H:%M:%S.000+0000") if isinstance(value, datetime) else value
         return out
 
-    @staticmethod
-    def _matches(where: Any, record: Mapping[str, Any], schema: SfSchema) -> bool:
-        try:
-            return evaluate(where, record, schema)
-        except SoqlError as exc:
-            raise _SfError(400, exc.code, exc.message) from exc
-
     def _query(self, request: EmuRequest) -> dict[str, Any]:
         soql = request.arg("q")
         if not soql:
             raise _SfError(400, "MALFORMED_QUERY", "A query string has to be specified")
         try:
             query = parse_soql(soql)
+            schema = self._schema_of(query.obj)
+            validate(query.where, schema)
         except SoqlError as exc:
             raise _SfError(400, exc.code, exc.message) from exc
-        schema = self._schema_of(query.obj)
         names = []
         for name in query.fields:
             f = schema.find(name)
@@ -440,7 +412,7 @@ class SalesforceEmulator(EmulatorApp):
             r
             for r in self._records[schema.name].values()
             if (request.match["res"] == "queryAll" or not r["IsDeleted"])
-            and (query.where is None or self._matches(query.where, r, schema))
+            and (query.where is None or evaluate(query.where, r, schema))
         ]
         for name, descending in reversed(query.order):
             f = schema.find(name)
@@ -590,47 +562,7 @@ class SalesforceEmulator(EmulatorApp):
             )
 
     def _save(self, schema: SfSchema, fields: dict[str, Any], current: dict[str, Any] | None) -> str:
-        clean: dict[str, Any] = {}
-        for name, value in fields.items():
-            f = schema.find(name)
-            if f is None:
-                raise RowFailure(
-                    "INVALID_FIELD", f"No such column '{name}' on sobject of type {schema.name}", [name]
-                )
-            if not f.updateable:
-                raise RowFailure(
-                    "INVALID_FIELD_FOR_INSERT_UPDATE", f"Unable to create/update fields: {f.name}.", [f.name]
-                )
-            clean[f.name] = coerce_value(f, value)
-        merged = {**(current or {name: None for name in schema.fields}), **clean}
-        missing = [f.name for f in schema.fields.values() if f.required and merged.get(f.name) in (None, "")]
-        if missing:
-            raise RowFailure(
-                "REQUIRED_FIELD_MISSING", f"Required fields are missing: [{', '.join(missing)}]", missing
-            )
-        for f in schema.fields.values():
-            value = merged.get(f.name)
-            if f.unique and value is not None:
-                clash = next(
-                    (
-                        r
-                        for r in self._records[schema.name].values()
-                        if not r["IsDeleted"]
-                        and r.get(f.name) == value
-                        and (current is None or r["Id"] != current["Id"])
-                    ),
-                    None,
-                )
-                if clash is not None:
-                    raise RowFailure(
-                        "DUPLICATE_VALUE",
-                        f"duplicate value found: {f.name} duplicates value on record with id: {clash['Id']}",
-                        [f.name],
-                    )
-        for rule in schema.rules:
-            failure = rule(merged)
-            if failure is not None:
-                raise RowFailure(*failure)
+        clean = check_write(schema, fields, current, self._records[schema.name].values())
         self._take_lock(current["Id"] if current else "new")
         if current is None:
             return self._create(schema, clean, None)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -44,6 +44,18 @@ class SfSchema:
     key_prefix: str
     fields: dict[str, SfField] = field(default_factory=dict)
     rules: list[Rule] = field(default_factory=list)
+
+    def require(self, field_name: str) -> None:
+        """Make a field required on create and update (configure before serving requests)."""
+        self.fields[field_name] = replace(self.fields[field_name], required=True)
+
+    def restrict_picklist(self, field_name: str, values: Sequence[str]) -> None:
+        """Turn a field into a restricted picklist of ``values``."""
+        self.fields[field_name] = replace(self.fields[field_name], type="picklist", picklist=tuple(values))
+
+    def add_rule(self, rule: Rule) -> None:
+        """Add a validation rule: it sees the merged record and returns (code, message, fields) or None."""
+        self.rules.append(rule)
 
     def find(self, name: str) -> SfField | None:
         """Look a field up by case-insensitive name."""
@@ -146,3 +158,47 @@ def coerce_value(f: SfField, value: Any) -> Any:
             "STRING_TOO_LONG", f"{f.name}: data value too large (max length={f.length})", [f.name]
         )
     return text
+
+
+def check_write(
+    schema: SfSchema,
+    fields: Mapping[str, Any],
+    current: Mapping[str, Any] | None,
+    records: Iterable[Mapping[str, Any]],
+) -> dict[str, Any]:
+    """Validate a create (``current`` None) or update against ``schema`` and the live ``records``.
+
+    Returns the coerced fields under their canonical names; raises ``RowFailure`` with the
+    Salesforce status code (INVALID_FIELD, REQUIRED_FIELD_MISSING, DUPLICATE_VALUE, ...).
+    """
+    clean: dict[str, Any] = {}
+    for name, value in fields.items():
+        f = schema.find(name)
+        if f is None:
+            raise RowFailure(
+                "INVALID_FIELD", f"No such column '{name}' on sobject of type {schema.name}", [name]
+            )
+        if not f.updateable:
+            raise RowFailure(
+                "INVALID_FIELD_FOR_INSERT_UPDATE", f"Unable to create/update fields: {f.name}.", [f.name]
+            )
+        clean[f.name] = coerce_value(f, value)
+    merged = {**(current or dict.fromkeys(schema.fields)), **clean}
+    missing = [f.name for f in schema.fields.values() if f.required and merged.get(f.name) in (None, "")]
+    if missing:
+        raise RowFailure(
+            "REQUIRED_FIELD_MISSING", f"Required fields are missing: [{', '.join(missing)}]", missing
+        )
+    unique = [f.name for f in schema.fields.values() if f.unique and merged.get(f.name) is not None]
+    for r in records:
+        if r["IsDeleted"] or (current is not None and r["Id"] == current["Id"]):
+            continue
+        for name in unique:
+            if r.get(name) == merged[name]:
+                message = f"duplicate value found: {name} duplicates value on record with id: {r['Id']}"
+                raise RowFailure("DUPLICATE_VALUE", message, [name])
+    for rule in schema.rules:
+        failure = rule(merged)
+        if failure is not None:
+            raise RowFailure(*failure)
+    return clean

@@ -197,8 +197,33 @@ class _Parser:
         return (kind, value)
 
 
+def validate(node: Any, schema: SfSchema) -> None:
+    """Check a WHERE tree against ``schema`` as Salesforce does before running anything."""
+    if node is None:
+        return
+    tag = node[0]
+    if tag in ("and", "or"):
+        for child in node[1]:
+            validate(child, schema)
+        return
+    if tag == "not":
+        validate(node[1], schema)
+        return
+    f = schema.find(node[1])
+    if f is None:
+        raise SoqlError("INVALID_FIELD", f"No such column '{node[1]}' on entity '{schema.name}'.")
+    expected = _kind_of(f)
+    for kind, _ in node[2] if tag == "in" else [node[3]]:
+        if kind not in ("null", expected):
+            raise SoqlError(
+                "INVALID_QUERY_FILTER_OPERATOR",
+                f"value of filter criterion for field '{f.name}' must be of type {f.type}"
+                + (" and should not be enclosed in quotes" if kind == "str" else ""),
+            )
+
+
 def evaluate(node: Any, record: Mapping[str, Any], schema: SfSchema) -> bool:
-    """Tell whether ``record`` satisfies the WHERE tree ``node``."""
+    """Tell whether ``record`` satisfies the (validated) WHERE tree ``node``."""
     tag = node[0]
     if tag == "and":
         return all(evaluate(n, record, schema) for n in node[1])
@@ -207,41 +232,37 @@ def evaluate(node: Any, record: Mapping[str, Any], schema: SfSchema) -> bool:
     if tag == "not":
         return not evaluate(node[1], record, schema)
     f = schema.find(node[1])
-    if f is None:
-        raise SoqlError("INVALID_FIELD", f"No such column '{node[1]}' on entity '{schema.name}'.")
-    value = record.get(f.name)
+    value = record.get(f.name) if f is not None else None
     if tag == "in":
-        hit = any(_compare(f, value, "=", lit) for lit in node[2])
+        hit = any(_compare(value, "=", lit) for lit in node[2])
         return hit != node[3]
-    return _compare(f, value, node[2], node[3])
+    return _compare(value, node[2], node[3])
 
 
-def _compare(f: SfField, value: Any, op: str, literal: tuple[str, Any]) -> bool:
+def _kind_of(f: SfField) -> str:
+    by_type = {"datetime": "dt", "date": "date", "boolean": "bool"}
+    return by_type.get(f.type, "num" if f.type in NUMERIC_TYPES else "str")
+
+
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "=": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+}
+
+
+def _compare(value: Any, op: str, literal: tuple[str, Any]) -> bool:
     kind, lit = literal
     if kind == "null":
         return (value is None) == (op == "=") if op in ("=", "!=") else False
-    expected = {"datetime": "dt", "date": "date", "boolean": "bool"}.get(
-        f.type, "num" if f.type in NUMERIC_TYPES else "str"
-    )
-    if kind != expected:
-        raise SoqlError(
-            "INVALID_QUERY_FILTER_OPERATOR",
-            f"value of filter criterion for field '{f.name}' must be of type {f.type}"
-            + (" and should not be enclosed in quotes" if kind == "str" else ""),
-        )
     if value is None:
         return op == "!="
     if kind == "num":
         value = Decimal(str(value))
-    ops: dict[str, Callable[[Any, Any], bool]] = {
-        "=": lambda a, b: a == b,
-        "!=": lambda a, b: a != b,
-        "<": lambda a, b: a < b,
-        "<=": lambda a, b: a <= b,
-        ">": lambda a, b: a > b,
-        ">=": lambda a, b: a >= b,
-    }
-    return ops[op](value, lit)
+    return _OPS[op](value, lit)
 
 
 def parse_soql(text: str) -> Query:
