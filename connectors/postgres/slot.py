@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -30,6 +30,18 @@ PLUGIN = "pgoutput"
 # deparses row filters its own way, so comparing texts would never settle.
 _SPEC_MARK = "syncagent spec "
 _ROW_FILTER_MIN_VERSION = 150000
+# Settings of every capture and resync session. The text converters of values.py rely on the
+# first five; a peek of a large backlog must not be cut off by the ERP's role-level timeouts,
+# and the pipeline keeps the peek's transaction open while it journals a chunk.
+SESSION_SETTINGS = (
+    "SET DateStyle = 'ISO, MDY'",
+    "SET IntervalStyle = 'postgres'",
+    "SET bytea_output = 'hex'",
+    "SET TimeZone = 'UTC'",
+    "SET extra_float_digits = 3",
+    "SET statement_timeout = 0",
+    "SET idle_in_transaction_session_timeout = 0",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,11 +91,26 @@ class SlotLag:
     active: bool
 
 
+def open_session(connect: Callable[[], psycopg.Connection], what: str) -> psycopg.Connection:
+    """Connect with ``connect`` and apply SESSION_SETTINGS; autocommit; failures classified."""
+    with classify_pg(what):
+        conn = connect()
+        try:
+            conn.autocommit = True
+            for stmt in SESSION_SETTINGS:
+                conn.execute(stmt.encode())
+        except BaseException:
+            conn.close()
+            raise
+    return conn
+
+
 @contextmanager
 def _autocommit(conn: psycopg.Connection) -> Iterator[None]:
     previous = conn.autocommit
     if not previous:
-        conn.rollback()
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            raise ValueError("this needs a connection outside a transaction (commit or roll back first)")
         conn.autocommit = True
     try:
         yield

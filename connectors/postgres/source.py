@@ -10,24 +10,19 @@ the changes. A huge transaction therefore spans many chunks without being held i
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import psycopg
-from psycopg import sql
-from psycopg.adapt import Loader
 
-from agent.errors import ConfigError, ConfigIssue, CursorUnavailable, PermanentError
+from agent.errors import CursorUnavailable, PermanentError
 from agent.model import Batch, Change, ChangeOp, Cursor, Problem, utcnow
 from connectors.postgres import slot as slots
+from connectors.postgres.checks import check
 from connectors.postgres.errors import classify_pg
-from connectors.postgres.filters import check_row_filter
 from connectors.postgres.pgoutput import (
     UNCHANGED,
     Begin,
@@ -42,29 +37,14 @@ from connectors.postgres.pgoutput import (
     lsn_to_str,
     str_to_lsn,
 )
+from connectors.postgres.resync import CURSOR_VERSION, resync_batches
 from connectors.postgres.slot import SlotLag, TableSpec
-from connectors.postgres.values import Converter, PgValueError, converter_for, row_converters
+from connectors.postgres.values import Converter, PgValueError, row_converters
 
 logger = logging.getLogger(__name__)
 
 STREAM = "wal"
-CURSOR_VERSION = 1
-# Session settings the text converters rely on (see connectors.postgres.values).
-_SESSION_SETTINGS = (
-    "SET DateStyle = 'ISO, MDY'",
-    "SET IntervalStyle = 'postgres'",
-    "SET bytea_output = 'hex'",
-    "SET TimeZone = 'UTC'",
-    "SET extra_float_digits = 3",
-)
 _MAX_UNCONSUMED_MARKS = 10_000
-
-
-class _TextLoader(Loader):
-    """Loads a text-format column as the server's text, for the same converters as pgoutput."""
-
-    def load(self, data: Any) -> str:
-        return bytes(data).decode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +151,8 @@ class PostgresSource:
     def commit(self, stream: str, cursor: Cursor) -> None:
         """Advance the slot to the cursor's LSN (deferred while the peek is still open)."""
         _check_stream(stream)
+        if "resync_table" in cursor.data:
+            return  # a resync batch: the slot is not involved
         lsn = _cursor_lsn(cursor)
         if lsn is None:
             return
@@ -186,8 +168,6 @@ class PostgresSource:
 
     def check(self) -> list[Problem]:
         """Return what is wrong with the server, tables, privileges, publication and slot."""
-        from connectors.postgres.checks import check
-
         return check(
             self._connect,
             slot=self.slot,
@@ -220,7 +200,7 @@ class PostgresSource:
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            self._conn = _open_session(self._connect, f"connect for slot {self.slot}")
+            self._conn = slots.open_session(self._connect, f"connect for slot {self.slot}")
         return self._conn
 
     def _open_poll(self, cursor_lsn: int | None) -> _Poll:
@@ -282,7 +262,7 @@ class PostgresSource:
                 self._keys[spec.qualified_name] = spec.key_columns
             elif spec.qualified_name not in self._keys:
                 info = slots.describe_table(conn, spec.schema, spec.table)
-                if info is not None and info.primary_key:
+                if info is not None:
                     self._keys[spec.qualified_name] = info.primary_key
 
     def _plan(self, rel: Relation, poll: _Poll) -> _Plan | None:
@@ -452,199 +432,16 @@ class PostgresSource:
         ``after_key`` resumes a run: pass the ``after_key`` of the last journaled batch's
         cursor (for "*", it names the table too).
         """
-        specs = self._resync_specs(stream)
-        resume_table, resume_key = _parse_after_key(stream, after_key)
-        if resume_table is not None:
-            names = [s.qualified_name for s in specs]
-            if resume_table not in names:
-                raise ConfigError([ConfigIssue("", "after_key", f"table {resume_table} is not mapped")])
-            specs = specs[names.index(resume_table) :]
-        token = uuid.uuid4().hex[:12]
-        conn = _open_session(self._connect, f"connect for resync of {stream}")
-        try:
-            for n, spec in enumerate(specs):
-                start = resume_key if spec.qualified_name == resume_table else None
-                last_table = n == len(specs) - 1
-                yield from self._resync_table(conn, spec, stream, since, start, chunk, token, last_table)
-        finally:
-            conn.close()
-
-    def _resync_specs(self, stream: str) -> list[TableSpec]:
-        if stream == "*":
-            return list(self.tables)
-        if stream not in self._by_name:
-            known = ", ".join(self._by_name) or "none"
-            raise ConfigError(
-                [ConfigIssue("", "stream", f"{stream} is not a mapped table (mapped: {known})")]
-            )
-        return [self._by_name[stream]]
-
-    def _resync_table(
-        self,
-        conn: psycopg.Connection,
-        spec: TableSpec,
-        stream: str,
-        since: datetime | None,
-        after: list[str] | None,
-        chunk: int,
-        token: str,
-        last_table: bool,
-    ) -> Iterator[Batch]:
-        info = slots.describe_table(conn, spec.schema, spec.table)
-        if info is None:
-            raise PermanentError(
-                f"table {spec.qualified_name} does not exist. Fix: correct the table mapping"
-            )
-        keys = spec.key_columns or info.primary_key
-        if not keys:
-            raise PermanentError(
-                f"table {spec.qualified_name} has no primary key to page by. Fix: set key_columns "
-                f"in its mapping, or {slots.identity_fix(spec)}"
-            )
-        if since is not None and not spec.updated_at_column:
-            raise ConfigError(
-                [
-                    ConfigIssue(
-                        "",
-                        f"tables.{spec.qualified_name}.updated_at_column",
-                        "a resync since a time needs the table's modification column",
-                    )
-                ]
-            )
-        names = info.column_names
-        types = dict(info.columns)
-        converters = _resync_converters(conn, info)
-        key_pos = [names.index(k) for k in keys]
-        where: list[sql.Composable] = []
-        if spec.row_filter:
-            normalised = check_row_filter(
-                spec.row_filter, names, key=f"tables.{spec.qualified_name}.row_filter"
-            )
-            where.append(sql.SQL("({})").format(sql.SQL(normalised)))
-        if since is not None:
-            where.append(sql.SQL("{} >= %(since)s").format(sql.Identifier(spec.updated_at_column or "")))
-        key_list = sql.SQL(", ").join(sql.Identifier(k) for k in keys)
-        query_after = sql.SQL("({}) > ({})").format(
-            key_list, sql.SQL(", ").join(sql.Placeholder(f"k{i}") for i in range(len(keys)))
-        )
-        table = sql.SQL("{}.{}").format(sql.Identifier(spec.schema), sql.Identifier(spec.table))
-        columns = sql.SQL(", ").join(sql.Identifier(n) for n in names)
-        while True:
-            conditions = where + ([query_after] if after is not None else [])
-            query = sql.SQL("SELECT {} FROM {}{} ORDER BY {} LIMIT {}").format(
-                columns,
-                table,
-                sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL(""),
-                key_list,
-                sql.Literal(chunk + 1),
-            )
-            params: dict[str, Any] = {"since": since}
-            params.update({f"k{i}": v for i, v in enumerate(after or ())})
-            with classify_pg(f"resync {spec.qualified_name}"), conn.transaction():
-                meta = conn.execute("SELECT now(), pg_current_wal_lsn()::text").fetchone()
-                cur = conn.cursor()
-                for oid in set(types.values()):
-                    cur.adapters.register_loader(oid, _TextLoader)
-                rows = cur.execute(query, params).fetchall()
-            assert meta is not None
-            snapshot_ts, wal_lsn = meta
-            has_more = len(rows) > chunk
-            rows = rows[:chunk]
-            changes = [
-                self._read_change(spec, names, converters, key_pos, keys, row, token, snapshot_ts, wal_lsn)
-                for row in rows
-            ]
-            if rows:
-                after = [rows[-1][i] for i in key_pos]
-            more = has_more or not last_table
-            yield Batch(changes, self._resync_cursor(stream, spec, after), more=more)
-            if not has_more:
-                return
-
-    def _read_change(
-        self,
-        spec: TableSpec,
-        names: tuple[str, ...],
-        converters: tuple[Converter | None, ...],
-        key_pos: list[int],
-        keys: tuple[str, ...],
-        row: tuple[Any, ...],
-        token: str,
-        snapshot_ts: datetime,
-        wal_lsn: str,
-    ) -> Change:
-        values = []
-        for name, conv, v in zip(names, converters, row, strict=True):
-            if conv is not None and v is not None:
-                try:
-                    v = conv(v)
-                except PgValueError:
-                    logger.warning(
-                        "event=pg_value_kept_as_text table=%s column=%s", spec.qualified_name, name
-                    )
-            values.append(v)
-        fields = dict(zip(names, values, strict=True))
-        pk_text = json.dumps([row[i] for i in key_pos], separators=(",", ":"))
-        return Change(
+        return resync_batches(
+            self._connect,
             source=self.name,
-            stream=STREAM,
-            object_name=spec.qualified_name,
-            op="read",
-            key={k: values[i] for k, i in zip(keys, key_pos, strict=True)},
-            fields=fields,
-            position=f"resync:{token}:{spec.qualified_name}:{pk_text}:{snapshot_ts.isoformat()}",
-            version=wal_lsn,
-            source_ts=snapshot_ts,
+            change_stream=STREAM,
+            tables=self.tables,
+            stream=stream,
+            since=since,
+            after_key=after_key,
+            chunk=chunk,
         )
-
-    @staticmethod
-    def _resync_cursor(stream: str, spec: TableSpec, after: list[str] | None) -> Cursor:
-        key_json = None if after is None else json.dumps(after, separators=(",", ":"))
-        resume = key_json
-        if stream == "*" and after is not None:
-            resume = json.dumps({"table": spec.qualified_name, "key": after}, separators=(",", ":"))
-        return Cursor({"v": CURSOR_VERSION, "resync_table": spec.qualified_name, "after_key": resume})
-
-
-def _open_session(connect: Callable[[], psycopg.Connection], what: str) -> psycopg.Connection:
-    with classify_pg(what):
-        conn = connect()
-        try:
-            conn.autocommit = True
-            for stmt in _SESSION_SETTINGS:
-                conn.execute(stmt)  # type: ignore[arg-type]
-        except BaseException:
-            conn.close()
-            raise
-    return conn
-
-
-def _resync_converters(conn: psycopg.Connection, info: slots.TableInfo) -> tuple[Converter | None, ...]:
-    oids = [oid for _, oid in info.columns]
-    with classify_pg(f"read column types of {info.schema}.{info.table}"):
-        rows = conn.execute(
-            "SELECT oid::int8, typname::text FROM pg_type WHERE oid = ANY(%s)", (oids,)
-        ).fetchall()
-    typnames = {int(oid): name for oid, name in rows}
-    return tuple(converter_for(oid, typnames.get(oid)) for oid in oids)
-
-
-def _parse_after_key(stream: str, after_key: str | None) -> tuple[str | None, list[str] | None]:
-    if after_key is None:
-        return None, None
-    try:
-        value = json.loads(after_key)
-    except ValueError:
-        raise ConfigError([ConfigIssue("", "after_key", "not the after_key of a resync cursor")]) from None
-    if stream == "*":
-        if not isinstance(value, dict) or not isinstance(value.get("key"), list):
-            raise ConfigError(
-                [ConfigIssue("", "after_key", 'for "*" it must be {"table":..., "key": [...]}')]
-            )
-        return str(value.get("table")), [str(v) for v in value["key"]]
-    if not isinstance(value, list):
-        raise ConfigError([ConfigIssue("", "after_key", "it must be a JSON list of key values")])
-    return stream, [str(v) for v in value]
 
 
 def _check_stream(stream: str) -> None:

@@ -578,3 +578,37 @@ def test_check_asks_for_replication_and_origin_grants_when_role_is_plain(erp: Er
         assert any("GRANT EXECUTE ON FUNCTION pg_replication_origin_session_setup(text)" in e for e in errors)
     finally:
         erp.sql(f'DROP OWNED BY "{role}"', f'DROP ROLE "{role}"')
+
+
+def test_read_moves_slot_to_checkpoint_first_when_crash_came_before_advance(erp: Erp) -> None:
+    src = erp.source()
+    erp.sql("INSERT INTO customers (id) VALUES (1)", "INSERT INTO customers (id) VALUES (2)")
+    start = erp.confirmed_flush()
+    batch = src.read("wal", None, limit=10_000)
+    assert len(batch.changes) == 2 and not batch.more
+    src.close()  # journaled, then killed before commit(): the slot did not move
+    assert erp.confirmed_flush() == start
+    restarted = erp.source(init=False)
+    erp.sql("INSERT INTO customers (id) VALUES (3)")
+    changes, _ = drain(restarted, batch.next_cursor)
+    assert [c.key["id"] for c in changes] == [3]
+    assert erp.confirmed_flush() > str_to_lsn(batch.next_cursor.data["lsn"])
+
+
+def test_read_and_resync_honour_row_filter_when_table_has_one(erp: Erp) -> None:
+    filtered = TableSpec("public", "customers", row_filter="id > 10")
+    src = erp.source([filtered])
+    erp.sql("INSERT INTO customers (id) VALUES (5), (15)", "UPDATE customers SET name = 'n'")
+    changes, _ = drain(src)
+    assert [(c.op, c.key["id"]) for c in changes] == [("insert", 15), ("update", 15)]
+    resynced = [c.key["id"] for b in _resync_all(src, "public.customers") for c in b.changes]
+    assert resynced == [15]
+
+
+def test_commit_ignores_resync_cursor_when_given_one(erp: Erp) -> None:
+    erp.sql("INSERT INTO customers (id) VALUES (1)")
+    src = erp.source()
+    start = erp.confirmed_flush()
+    (batch,) = _resync_all(src, "public.customers")
+    src.commit("wal", batch.next_cursor)
+    assert erp.confirmed_flush() == start
