@@ -13,10 +13,9 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from typing import Any
 
 import click
@@ -26,6 +25,7 @@ from agent.config import Config
 from agent.errors import ConfigError, SyncAgentError, exit_code_for
 from agent.logging import setup as setup_logging
 from agent.model import utcnow
+from agent.render import emit_json, json_default, render_status, table
 
 DEFAULT_CONFIG = "/etc/syncagent/config.toml"
 
@@ -51,32 +51,6 @@ class Ctx:
     def cfg_arg(self) -> str:
         """How the user named the config, to repeat in suggested commands."""
         return f"-c {self.config_path}"
-
-
-def _default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, Decimal):
-        return str(value)
-    if isinstance(value, bytes):
-        return "\\x" + value.hex()
-    if isinstance(value, set | frozenset | tuple):
-        return list(value)
-    return str(value)
-
-
-def emit_json(payload: dict[str, Any]) -> None:
-    """Print one JSON object: the ``--json`` envelope."""
-    click.echo(json.dumps(payload, default=_default, indent=2, sort_keys=False))
-
-
-def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
-    """Print an aligned table."""
-    text = [[("" if v is None else str(v)) for v in r] for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in text]) for i, h in enumerate(headers)]
-    click.echo("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
-    for r in text:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
 
 
 def command(json_flag: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -138,9 +112,7 @@ def cli(ctx: click.Context, config_path: str, log_format: str | None, log_level:
 
 @contextmanager
 def _state(c: Ctx, *, readonly: bool = False) -> Iterator[Any]:
-    from state import open_state
-
-    st = open_state(c.config().agent.state_path, readonly=readonly)
+    st = ops.open_store(c.config(), readonly=readonly)
     try:
         yield st
     finally:
@@ -267,77 +239,9 @@ def status(c: Ctx, as_json: bool) -> None:
     if as_json:
         emit_json(snap.to_dict())
     else:
-        _render_status(snap)
+        render_status(snap)
     if not snap.ok:
         sys.exit(1)
-
-
-def _render_status(snap: Any) -> None:
-    click.echo(
-        f"syncagent {'HEALTHY' if snap.ok else 'UNHEALTHY'}   state {snap.state_path} "
-        f"(schema v{snap.schema_version})"
-    )
-    rows = []
-    for s in snap.streams:
-        cursor = ",".join(f"{k}={v}" for k, v in (s.cursor or {}).items() if k != "v")
-        rows.append(
-            [
-                s.connector,
-                s.stream,
-                s.state,
-                _age(s.last_success_at),
-                s.changes_total,
-                _bytes(s.lag_bytes),
-                _secs(s.oldest_unconsumed_age_s),
-                cursor[:48],
-            ]
-        )
-    table(rows, ["connector", "stream", "state", "last ok", "changes", "slot lag", "oldest", "cursor"])
-    for s in snap.streams:
-        if not s.healthy:
-            click.echo(f"  ! {s.connector}/{s.stream}: {s.reason}")
-            if s.fix:
-                click.echo(f"    fix: {s.fix}")
-    r = snap.resolver
-    click.echo(f"resolver: position {r['position']} of {r['journal_last_seq']} (backlog {r['backlog']})")
-    if snap.outbox:
-        table(
-            [
-                [t, v["pending"], v["due"], v["retrying"], _secs(v["oldest_age_s"])]
-                for t, v in snap.outbox.items()
-            ],
-            ["outbox target", "pending", "due", "retrying", "oldest"],
-        )
-    e = snap.exceptions
-    click.echo(f"exceptions open: {e['open']}")
-    for reason, v in e["by_reason"].items():
-        click.echo(f"  {reason}: {v['count']} (oldest {_secs(v['oldest_age_s'])})")
-
-
-def _age(iso: str | None) -> str:
-    if not iso:
-        return "never"
-    return _secs((utcnow() - datetime.fromisoformat(iso)).total_seconds()) + " ago"
-
-
-def _secs(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if value < 120:
-        return f"{value:.0f}s"
-    if value < 7200:
-        return f"{value / 60:.0f}m"
-    return f"{value / 3600:.1f}h"
-
-
-def _bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n = n / 1024  # type: ignore[assignment]
-    return str(n)
 
 
 @cli.command(name="journal")
@@ -348,10 +252,8 @@ def _bytes(n: int | None) -> str:
 @click.pass_obj
 def journal_cmd(c: Ctx, since_seq: int, limit: int, source: str | None, as_json: bool) -> None:
     """List captured changes with their fate (applied, echo, ignored, conflict, exception...)."""
-    from state import journal
-
     with _state(c, readonly=True) as st:
-        rows = journal.list_entries(st, since_seq=since_seq, limit=limit, source=source)
+        rows = ops.journal_rows(st, since_seq=since_seq, limit=limit, source=source)
     if as_json:
         emit_json(
             {
@@ -387,7 +289,7 @@ def journal_cmd(c: Ctx, since_seq: int, limit: int, source: str | None, as_json:
                 r.entry.change.source,
                 r.entry.change.object_name,
                 r.entry.change.op,
-                json.dumps(dict(r.entry.change.key), default=_default)[:40],
+                json.dumps(dict(r.entry.change.key), default=json_default)[:40],
                 r.entry.change.version,
                 r.fate or r.entry.status,
                 r.entry.change.trace_id,
@@ -408,10 +310,8 @@ def checkpoint() -> None:
 @click.pass_obj
 def checkpoint_list(c: Ctx, as_json: bool) -> None:
     """Show every checkpoint: owner, stream, cursor, generation and when it moved."""
-    from state import checkpoints
-
     with _state(c, readonly=True) as st:
-        cps = checkpoints.list_all(st)
+        cps = ops.checkpoint_rows(st)
     if as_json:
         emit_json(
             {
@@ -528,10 +428,8 @@ def exceptions() -> None:
 @click.pass_obj
 def exceptions_list(c: Ctx, status: str, limit: int, as_json: bool) -> None:
     """List exception items: id, age, kind, reason, record and field."""
-    from state import exceptions as store
-
     with _state(c, readonly=True) as st:
-        items = store.list_items(st, status=None if status == "all" else status, limit=limit)
+        items = ops.exception_items(st, status=None if status == "all" else status, limit=limit)
     if as_json:
         emit_json({"ok": True, "items": [_item_dict(i) for i in items]})
         return
@@ -565,10 +463,8 @@ def _item_dict(i: Any) -> dict[str, Any]:
 @click.pass_obj
 def exceptions_show(c: Ctx, item_id: int, as_json: bool) -> None:
     """Show one exception item whole: reason, detail, record, trace id."""
-    from state import exceptions as store
-
     with _state(c, readonly=True) as st:
-        item = store.get(st, item_id)
+        item = ops.exception_item(st, item_id)
     if item is None:
         raise SyncAgentError(f"no exception item {item_id}")
     if as_json:
@@ -576,7 +472,7 @@ def exceptions_show(c: Ctx, item_id: int, as_json: bool) -> None:
         return
     for k, v in _item_dict(item).items():
         if k == "record":
-            v = json.dumps(v, default=_default, indent=2)
+            v = json.dumps(v, default=json_default, indent=2)
         click.echo(f"{k:>13}: {v}")
 
 
@@ -647,20 +543,14 @@ SANDBOXES = ("salesforce", "hubspot", "dynamics", "netsuite")
 @click.option("--seed-demo", is_flag=True, help="Start with the demo's sample records.")
 def sandbox(vendor: str, port: int, seed_demo: bool) -> None:
     """Run a vendor API emulator on loopback, for rehearsing mappings before go-live."""
-    from agent.sandbox import make_emulator
-    from connectors.emulator import EmulatorServer
+    from agent.sandbox import serve
 
-    app = make_emulator(vendor)
-    if seed_demo:
-        app.seed_demo()  # type: ignore[attr-defined]
-    server = EmulatorServer(app, port=port)
-    click.echo(f"{vendor} emulator listening on {server.url} (Ctrl-C to stop)")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+    serve(
+        vendor,
+        port=port,
+        seed_demo=seed_demo,
+        announce=lambda url: click.echo(f"{vendor} emulator listening on {url} (Ctrl-C to stop)"),
+    )
 
 
 def main() -> None:

@@ -345,9 +345,9 @@ def _entity(name: str, raw: Any, systems: Mapping[str, SystemConfig], col: _Coll
         fr = _field(fname, f_raw, mappings, f"{key}.fields.{fname}", col)
         if fr is not None:
             fields[fname] = fr
-    for m in mappings.values():
-        if m.match_on and m.match_on not in fields:
-            col.add(f"{key}.systems.{m.system}.match_on", f"{m.match_on!r} is not a field of {name}")
+    for sm in mappings.values():
+        if sm.match_on and sm.match_on not in fields:
+            col.add(f"{key}.systems.{sm.system}.match_on", f"{sm.match_on!r} is not a field of {name}")
     policy = table.get("on_non_owner_edit", "ignore")
     if policy not in NON_OWNER_POLICIES:
         col.add(f"{key}.on_non_owner_edit", f"must be one of {list(NON_OWNER_POLICIES)}")

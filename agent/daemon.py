@@ -23,11 +23,11 @@ from agent.errors import ConfigError, ConfigIssue
 from agent.logging import log_event
 from agent.resolve import Resolver
 from agent.retry import RetryPolicy
-from connectors import REGISTRY
-from connectors.auth import BearerAuth, ClientCredentials, JwtBearer, StaticToken, hs256_signer
+from connectors.auth import BearerAuth, ClientCredentials, JwtBearer, hs256_signer
 from connectors.base import Sink, Source
 from connectors.http import make_client
-from connectors.postgres import PostgresSink, PostgresSource, SinkTable, TableSpec, check_row_filter
+from connectors.postgres import PostgresSource, TableSpec, check_row_filter
+from connectors.postgres.sink import PostgresSink, SinkTable
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def _pg(
     connect = pg_connect_factory(sc)
     o = sc.options
     specs, sink_tables = [], {}
-    for entity, m in config.mappings_of(sc.name):
+    for _entity, m in config.mappings_of(sc.name):
         schema, table = _split_table(m.object)
         specs.append(
             TableSpec(
@@ -244,5 +244,3 @@ _BUILDERS: Mapping[str, Callable[..., tuple[Any, Any]]] = {
     "postgres": _pg,
     "salesforce": _salesforce,
 }
-assert set(_BUILDERS) <= set(REGISTRY) or not REGISTRY
-_ = StaticToken

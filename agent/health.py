@@ -123,7 +123,7 @@ def snapshot(
         resolver={
             "position": position,
             "journal_last_seq": last,
-            "backlog": max(0, last - position),
+            "backlog": sum(v.pending for v in jstats.values()),
             "generation": rcp.generation if rcp else 0,
         },
         outbox={

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,10 +44,11 @@ class LogfmtFormatter(logging.Formatter):
             parts.append(
                 "ts=" + datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
             )
+        event, fields = _event_and_fields(record)
         parts.append("level=" + record.levelname.lower())
-        parts.append("event=" + _logfmt_value(record.getMessage()))
+        parts.append("event=" + _logfmt_value(event))
         parts.append("logger=" + record.name)
-        for k, v in _fields(record).items():
+        for k, v in fields.items():
             parts.append(f"{k}={_logfmt_value(v)}")
         if record.exc_info:
             parts.append("exc=" + _logfmt_value(self.formatException(record.exc_info)))
@@ -67,16 +67,61 @@ class JsonFormatter(logging.Formatter):
         out: dict[str, Any] = {}
         if self.timestamps:
             out["ts"] = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
-        out.update(level=record.levelname.lower(), event=record.getMessage(), logger=record.name)
-        out.update(_fields(record))
+        event, fields = _event_and_fields(record)
+        out.update(level=record.levelname.lower(), event=event, logger=record.name)
+        out.update(fields)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)
 
 
-def _fields(record: logging.LogRecord) -> Mapping[str, Any]:
-    fields = getattr(record, "fields", None) or {}
-    return {(f"field_{k}" if k in _RESERVED else k): v for k, v in fields.items()}
+def _event_and_fields(record: logging.LogRecord) -> tuple[str, dict[str, Any]]:
+    """The event name and fields of a record.
+
+    Modules that may not import this one (connectors, state) log pre-rendered logfmt
+    messages such as ``"event=slot_advanced slot=%s"``; those are parsed back into fields
+    so that both output formats carry them the same way.
+    """
+    message = record.getMessage()
+    fields: dict[str, Any] = {}
+    if message.startswith("event="):
+        pairs = _parse_logfmt(message)
+        message = str(pairs.pop("event", message))
+        fields.update(pairs)
+    extra = getattr(record, "fields", None) or {}
+    fields.update(extra)
+    return message, {(f"field_{k}" if k in _RESERVED else k): v for k, v in fields.items()}
+
+
+def _parse_logfmt(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    i, n = 0, len(text)
+    while i < n:
+        while i < n and text[i] == " ":
+            i += 1
+        eq = text.find("=", i)
+        if eq < 0:
+            break
+        key = text[i:eq]
+        i = eq + 1
+        if i < n and text[i] == '"':
+            i += 1
+            buf = []
+            while i < n and text[i] != '"':
+                if text[i] == "\\" and i + 1 < n:
+                    i += 1
+                buf.append(text[i])
+                i += 1
+            value = "".join(buf)
+            i += 1
+        else:
+            end = text.find(" ", i)
+            end = n if end < 0 else end
+            value = text[i:end]
+            i = end
+        if key:
+            out[key] = value
+    return out
 
 
 def setup(*, level: str = "info", fmt: str = "logfmt", stream: Any = None) -> None:

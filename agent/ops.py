@@ -19,8 +19,11 @@ from agent.errors import CursorUnavailable, PermanentError, SyncAgentError
 from agent.model import Cursor, Problem
 from connectors.base import Resync
 from connectors.postgres import TableSpec, ensure
-from state import audit, checkpoints, exceptions, outbox, xref
+from state import audit, checkpoints, exceptions, journal, open_state, outbox, xref
+from state.checkpoints import Checkpoint
 from state.db import State
+from state.exceptions import ExceptionItem
+from state.journal import JournalRow
 
 
 def operator() -> str:
@@ -29,6 +32,31 @@ def operator() -> str:
         return f"operator:{getpass.getuser()}"
     except (KeyError, OSError):
         return "operator"
+
+
+def open_store(config: Config, *, readonly: bool = False) -> State:
+    """Open the config's state file (read-only for the reporting commands)."""
+    return open_state(config.agent.state_path, readonly=readonly)
+
+
+def journal_rows(st: State, *, since_seq: int, limit: int, source: str | None) -> list[JournalRow]:
+    """Journal entries after ``since_seq`` with their fates."""
+    return journal.list_entries(st, since_seq=since_seq, limit=limit, source=source)
+
+
+def checkpoint_rows(st: State) -> list[Checkpoint]:
+    """Every checkpoint."""
+    return checkpoints.list_all(st)
+
+
+def exception_items(st: State, *, status: str | None, limit: int) -> list[ExceptionItem]:
+    """Exception items with ``status`` (None: all)."""
+    return exceptions.list_items(st, status=status, limit=limit)  # type: ignore[arg-type]
+
+
+def exception_item(st: State, item_id: int) -> ExceptionItem | None:
+    """One exception item, or None."""
+    return exceptions.get(st, item_id)
 
 
 def init(config: Config, *, dry_run: bool) -> dict[str, list[str]]:
@@ -71,10 +99,7 @@ def check(runtime: Runtime) -> dict[str, list[Problem]]:
                 problems += part.check()
             except SyncAgentError as exc:
                 problems.append(Problem(name, str(exc), "see docs/operations.md"))
-        seen: set[tuple[str, str]] = set()
-        out[name] = [
-            p for p in problems if (p.subject, p.message) not in seen and not seen.add((p.subject, p.message))
-        ]
+        out[name] = list({(p.subject, p.message): p for p in problems}.values())
     return out
 
 
@@ -147,8 +172,6 @@ def plan_rewind(
 
 
 def _first_seq(st: State, when: datetime) -> int | None:
-    from state import journal
-
     return journal.first_seq_at_or_after(st, when)
 
 

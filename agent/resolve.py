@@ -430,8 +430,8 @@ class _Resolution:
                 ProblemItem(
                     "mapping",
                     "no_external_id",
-                    f"cannot create in {target} idempotently: set entities.{self.entity.name}.systems.{target}"
-                    ".external_id",
+                    f"cannot create in {target} idempotently: set "
+                    f"entities.{self.entity.name}.systems.{target}.external_id",
                     None,
                 )
             )

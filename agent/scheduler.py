@@ -9,6 +9,7 @@ jobs only, and ``status`` shows why.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -184,10 +185,16 @@ class AgentRunner:
         """Capture every source, resolve everything, deliver everything due; then return."""
         report = CycleReport()
         for name in self.rt.sources:
-            self._guard(
-                f"poll:{name}", name, lambda n=name: report.captured.__setitem__(n, self.poll(n)), report
-            )
-        self._guard("resolve", "resolver", lambda: setattr(report, "resolved", self.resolve()), report)
+
+            def _poll(n: str = name) -> None:
+                report.captured[n] = self.poll(n)
+
+            self._guard(f"poll:{name}", name, _poll, report)
+
+        def _resolve() -> None:
+            report.resolved = self.resolve()
+
+        self._guard("resolve", "resolver", _resolve, report)
         self._guard("retry_parked", "resolver", self.retry_parked, report)
         for target in self.rt.sinks:
 
@@ -250,8 +257,8 @@ class AgentRunner:
                 connector,
                 "deliver" if stream == "deliver" else "*",
                 error=f"{type(exc).__name__}: {exc}",
-                state=state,
-            )  # type: ignore[arg-type]
+                state=state,  # type: ignore[arg-type]
+            )
         except SyncAgentError:
             pass
 
@@ -271,7 +278,7 @@ class AgentRunner:
         for name, sc in cfg.systems.items():
             if name in self.rt.sources:
                 sched.add_job(
-                    self._job(f"poll:{name}", name, lambda n=name: self._after_poll(self.poll(n))),
+                    self._job(f"poll:{name}", name, functools.partial(self._poll_and_wake, name)),
                     "interval",
                     seconds=sc.poll_interval,
                     id=f"poll:{name}",
@@ -286,7 +293,7 @@ class AgentRunner:
         )
         for target in self.rt.sinks:
             sched.add_job(
-                self._job(f"deliver:{target}", target, lambda t=target: self.deliver(t)),
+                self._job(f"deliver:{target}", target, functools.partial(self.deliver, target)),
                 "interval",
                 seconds=max(1.0, cfg.agent.resolve_interval),
                 id=f"deliver:{target}",
@@ -298,7 +305,6 @@ class AgentRunner:
         interval = watchdog_interval()
         if interval:
             sched.add_job(self.notifier.watchdog, "interval", seconds=interval, id="watchdog")
-        sched.add_listener(lambda _e: None)
         self.notifier.ready()
         log_event(
             logger,
@@ -320,7 +326,8 @@ class AgentRunner:
 
         return run
 
-    def _after_poll(self, journaled: int) -> None:
+    def _poll_and_wake(self, name: str) -> None:
+        journaled = self.poll(name)
         if journaled and self._scheduler is not None:
             self._scheduler.modify_job("resolve", next_run_time=self.clock())
 
