@@ -440,3 +440,23 @@ def test_emulator_applies_odata_rules_when_queried_directly(
         assert [r["erp_customerid"] for r in response.json()["value"]] == ["C-1"]
     else:
         assert response.json()["error"]["code"].startswith("0x")
+
+
+def test_emulator_honours_create_only_and_upsert_when_patching(
+    emulator: DynamicsEmulator, server: EmulatorServer
+) -> None:
+    """PATCH without If-Match creates; If-None-Match: * refuses to touch an existing row (412)."""
+    headers = {"Authorization": f"Bearer {emulator.issue_token()}"}
+    url = f"{server.url}/api/data/v9.2/accounts(erp_customerid='C-42')"
+    created = httpx.patch(url, json={"name": "New"}, headers=headers)
+    refused = httpx.patch(url, json={"name": "Again"}, headers={**headers, "If-None-Match": "*"})
+    assert (created.status_code, refused.status_code) == (204, 412)
+    assert refused.json()["error"]["code"] == "0x80040237"
+    assert [r["name"] for r in emulator.all("accounts")] == ["New"]
+
+
+def test_dynamics_package_exports_are_pinned_when_imported() -> None:
+    """The package's public names are exactly these."""
+    import connectors.dynamics as package
+
+    assert sorted(package.__all__) == ["DvTable", "DynamicsConnector", "DynamicsEmulator", "TableSpec"]
