@@ -56,7 +56,7 @@ _TITLES = {
     403: ("Forbidden", "15.5.4"),
     404: ("Not Found", "15.5.5"),
     405: ("Method Not Allowed", "15.5.6"),
-    429: ("Too Many Requests", "6"),
+    429: ("Too Many Requests", "rfc6585.html#section-4"),
     500: ("Internal Server Error", "15.6.1"),
     503: ("Service Unavailable", "15.6.4"),
 }
@@ -73,7 +73,8 @@ def ns_error(status: int, code: str, detail: str, path: str | None = None) -> Em
     if path is not None:
         item["o:errorPath"] = path
     body = {
-        "type": f"https://www.rfc-editor.org/rfc/rfc9110.html#section-{section}",
+        "type": "https://www.rfc-editor.org/rfc/"
+        + (section if section.startswith("rfc") else f"rfc9110.html#section-{section}"),
         "title": title,
         "status": status,
         "o:errorDetails": [item],
