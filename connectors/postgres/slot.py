@@ -421,16 +421,21 @@ class PeekCursor:
             self.confirmed_flush = str_to_lsn(row[0]) if row[0] else 0
             current = str_to_lsn(row[1])
             self.upto_lsn = max(self.confirmed_flush, min(current, self.confirmed_flush + max_poll_bytes))
-            self._cursor = conn.cursor(name=f"syncagent_peek_{slot}", binary=True)
-            self._cursor.execute(
-                "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, %s::pg_lsn, NULL, "
-                "'proto_version', '1', 'publication_names', %s)",
-                (slot, lsn_to_str(self.upto_lsn), sql.Identifier(publication).as_string(conn)),
-            )
+            self._cursor: psycopg.ServerCursor | None = None
+            # No new WAL: skip the call, which would still re-decode from restart_lsn.
+            if self.upto_lsn > self.confirmed_flush:
+                self._cursor = conn.cursor(name=f"syncagent_peek_{slot}", binary=True)
+                self._cursor.execute(
+                    "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, %s::pg_lsn, NULL, "
+                    "'proto_version', '1', 'publication_names', %s)",
+                    (slot, lsn_to_str(self.upto_lsn), sql.Identifier(publication).as_string(conn)),
+                )
         self.closed = False
 
     def fetch(self, n: int) -> list[bytes]:
         """Return up to ``n`` more messages (raw pgoutput bytes); an empty list when exhausted."""
+        if self._cursor is None:
+            return []
         with classify_pg(f"peek slot {self._slot}"):
             rows = self._cursor.fetchmany(n)
         return [r[0] for r in rows]
@@ -443,7 +448,8 @@ class PeekCursor:
         try:
             with classify_pg(f"close peek of slot {self._slot}"):
                 if not self._conn.closed:
-                    self._cursor.close()
+                    if self._cursor is not None:
+                        self._cursor.close()
                     self._conn.rollback()
         finally:
             if not self._conn.closed:

@@ -549,7 +549,7 @@ def test_check_names_host_and_port_when_port_is_unreachable(erp: Erp) -> None:
     assert "port" in problem.fix
 
 
-def test_uuid_field_is_text_when_captured(erp: Erp) -> None:
+def test_read_keeps_uuid_as_text_when_captured(erp: Erp) -> None:
     """uuid has no converter: it travels as its canonical text (JSON-safe)."""
     src = erp.source()
     value = uuid.uuid4()
