@@ -80,7 +80,8 @@ def capture(
         batch = source.read(stream, cursor, limit=limit)
         batches += 1
         read += len(batch.changes)
-        journaled += _journal_batch(st, owner, stream, batch, generation, clock)
+        n, generation = _journal_batch(st, owner, stream, batch, generation, clock)
+        journaled += n
         source.commit(stream, batch.next_cursor)
         cursor = batch.next_cursor
         if not batch.more or (max_batches is not None and batches >= max_batches):
@@ -102,13 +103,14 @@ def capture(
 
 def _journal_batch(
     st: State, owner: str, stream: str, batch: Batch, generation: int, clock: Callable[[], datetime]
-) -> int:
+) -> tuple[int, int]:
+    """Journal one batch and move the cursor in one transaction; return (new rows, generation)."""
     with st.write_txn():
         n = journal.append(st, batch.changes, captured_at=clock())
         moved = checkpoints.advance(st, owner, stream, batch.next_cursor, expected_generation=generation)
         if moved is None:
             raise CheckpointMovedError(f"checkpoint {owner}/{stream} was rewound during capture; re-reading")
-    return n
+    return n, moved.generation
 
 
 def run_resync(

@@ -154,8 +154,9 @@ class EmulatorApp:
                 continue
             m = r.regex.match(request.path)
             if m:
-                bound = EmuRequest(request.method, request.path, request.query, request.headers,
-                                   request.body, m.groupdict())
+                bound = EmuRequest(
+                    request.method, request.path, request.query, request.headers, request.body, m.groupdict()
+                )
                 with self._lock:
                     return r.handler(bound)
         return self.not_found(request)
@@ -193,15 +194,19 @@ class EmulatorApp:
     # --- request log ---------------------------------------------------------------
     def _record(self, request: EmuRequest, status: int) -> None:
         with self._lock:
-            self._log.append(LoggedRequest(request.method, request.path, request.query, status,
-                                           time.monotonic()))
+            self._log.append(
+                LoggedRequest(request.method, request.path, request.query, status, time.monotonic())
+            )
 
     def requests(self, *, method: str | None = None, path_prefix: str | None = None) -> list[LoggedRequest]:
         """Return the logged requests, optionally filtered by method and path prefix."""
         with self._lock:
-            return [r for r in self._log
-                    if (method is None or r.method == method)
-                    and (path_prefix is None or r.path.startswith(path_prefix))]
+            return [
+                r
+                for r in self._log
+                if (method is None or r.method == method)
+                and (path_prefix is None or r.path.startswith(path_prefix))
+            ]
 
     def reset_log(self) -> None:
         """Forget the logged requests."""
@@ -231,7 +236,15 @@ class EmulatorApp:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out as separate writes; with Nagle on, delayed ACKs add ~40 ms each.
+    disable_nagle_algorithm = True
     server: _Server
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The Date header follows the emulator's clock, so tests can freeze or shift it."""
+        if timestamp is not None:
+            return super().date_time_string(timestamp)
+        return self.server.app.now().strftime("%a, %d %b %Y %H:%M:%S GMT")
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
         return
@@ -259,14 +272,20 @@ class _Handler(BaseHTTPRequestHandler):
                 pass
             return
         payload = response.encode()
-        self.send_response(response.status)
         headers = {"Content-Type": "application/json;charset=UTF-8", **dict(response.headers)}
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(payload)
+        try:
+            self.send_response_only(response.status)
+            self.send_header("Server", "syncagent-emulator")
+            if not any(k.lower() == "date" for k in headers):
+                self.send_header("Date", self.date_time_string())
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client gave up (a timeout test): nothing to answer
 
     do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = do_HEAD = _serve
 
@@ -302,13 +321,15 @@ class EmulatorServer:
 
     def start(self) -> EmulatorServer:
         """Start serving in a daemon thread; returns self."""
-        self._thread = threading.Thread(target=self._server.serve_forever, name="emulator", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="emulator", daemon=True
+        )
         self._thread.start()
         return self
 
     def serve_forever(self) -> None:
         """Serve in the calling thread until interrupted (for ``syncagent sandbox``)."""
-        self._server.serve_forever()
+        self._server.serve_forever(poll_interval=0.2)
 
     def stop(self) -> None:
         """Stop serving and close the socket."""

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -14,14 +17,14 @@ _db_counter = itertools.count()
 
 
 @pytest.fixture(scope="session")
-def pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    """One throwaway cluster for the whole test session; with CI=true a failure fails the run."""
-    root = tmp_path_factory.mktemp("pg")
+def pg_cluster() -> Iterator[LocalCluster]:
+    """One throwaway cluster for the whole test session; with CI=true a failure fails the run.
+
+    It lives outside pytest's temp folder, whose permissions pytest resets to 0700 (the
+    server runs as the postgres user and must reach its folder).
+    """
+    root = Path(tempfile.mkdtemp(prefix="syncagent-test-pg-"))
     os.chmod(root, 0o755)
-    for parent in root.parents:
-        if str(parent) in ("/", "/tmp"):
-            break
-        os.chmod(parent, os.stat(parent).st_mode | 0o011)
     try:
         cluster = start_cluster(root / "cluster")
     except LocalPgError as exc:
@@ -30,6 +33,7 @@ def pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluste
         pytest.skip(f"no PostgreSQL: {exc}")
     yield cluster
     cluster.stop()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
