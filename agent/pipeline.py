@@ -190,6 +190,15 @@ class StoreView:
         """Mint a canonical id."""
         return xref.new_canonical_id()
 
+    def pending_fields(self, entity: str, canonical_id: str, system: str) -> frozenset[str]:
+        """Canonical fields that queued, undelivered ops will write to ``system``."""
+        return frozenset(
+            f
+            for op in outbox.pending_for(self.st, entity, canonical_id)
+            if op.target == system
+            for f in op.canonical
+        )
+
 
 def resolve_pending(st: State, resolver: Resolver, *, limit: int = 5000) -> int:
     """Resolve journal entries after the resolver's checkpoint; return how many were resolved."""

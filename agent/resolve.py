@@ -55,6 +55,10 @@ class StateView(Protocol):
         """Mint a canonical id."""
         ...
 
+    def pending_fields(self, entity: str, canonical_id: str, system: str) -> frozenset[str]:
+        """Canonical fields that queued, undelivered ops will write to ``system``."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class ProblemItem:
@@ -293,6 +297,12 @@ class _Resolution:
         name, c = self.entity.name, self.c
         tm = self.entity.systems[target]
         tid = self.view.external_id(name, cid, target)
+        if tid is None:
+            # A first copy in the target: ownership governs changes, not the first values.
+            fields = self._create_fields(target, cid, canonical)
+            if fields:
+                self._upsert(target, tm, cid, None, fields)
+            return
         seen_target = self.view.shadow(name, cid, target)
         out: dict[str, Any] = {}
         revert: dict[str, Any] = {}
@@ -327,11 +337,14 @@ class _Resolution:
                 "other_value": theirs.value if theirs else None,
             }
             if d.verdict == "propagate":
-                if theirs is None or theirs.value != value or tid is None:
+                if theirs is None or theirs.value != value:
                     out[fname] = value
             elif d.verdict == "conflict_won":
                 out[fname] = value
                 self.audits.append(AuditItem("conflict_resolved", {**audit, "winner": c.source}))
+                if fname in self.view.pending_fields(name, cid, c.source):
+                    # The loser's value is already queued for the source: re-assert the winner after it.
+                    revert[fname] = value
             elif d.verdict == "conflict_lost":
                 self.audits.append(AuditItem("conflict_resolved", {**audit, "winner": target}))
                 if theirs is not None:
@@ -351,8 +364,6 @@ class _Resolution:
                         fname,
                     )
                 )
-        if tid is None:
-            out = self._create_fields(target, cid, canonical)
         if out:
             self._upsert(target, tm, cid, tid, out)
         if revert:
@@ -377,15 +388,18 @@ class _Resolution:
             )
 
     def _create_fields(self, target: str, cid: str, canonical: Mapping[str, Any]) -> dict[str, Any]:
-        """All fields a new record in ``target`` gets: everything known that ``target`` does not own."""
+        """All fields a new record in ``target`` gets: every value known from the source.
+
+        Ownership governs changes; a record that does not exist yet in ``target`` takes its
+        first values from wherever they are known. A ``required`` field that ``target`` does
+        not assign itself must be known, or nothing is created.
+        """
         known = {k: v.value for k, v in self.view.shadow(self.entity.name, cid, self.c.source).items()}
         known.update(canonical)
         fields = {
             k: v
             for k, v in known.items()
-            if k in self.entity.fields
-            and self.entity.fields[k].owner != target
-            and target in self.entity.fields[k].columns
+            if k in self.entity.fields and target in self.entity.fields[k].columns
         }
         missing = [
             r.name

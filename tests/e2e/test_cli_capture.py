@@ -49,7 +49,9 @@ def test_run_once_journals_every_committed_change_with_typed_values(erp: tuple[s
     dsn, cfg = erp
     sa(cfg, "init")
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("INSERT INTO erp.customers (customer_no, name, credit_limit) VALUES ('C-1', 'Acme', 100.50)")
+        conn.execute(
+            "INSERT INTO erp.customers (customer_no, name, credit_limit) VALUES ('C-1', 'Acme', 100.50)"
+        )
         conn.execute("UPDATE erp.customers SET status = 'hold' WHERE customer_no = 'C-1'")
         conn.execute("DELETE FROM erp.customers WHERE customer_no = 'C-1'")
     code, out = sa(cfg, "run", "--once")
