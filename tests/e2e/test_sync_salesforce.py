@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
@@ -107,8 +106,8 @@ def test_sync_ownership_drops_a_crm_edit_of_an_erp_owned_field_and_audits_it(env
     assert env.sql("SELECT name, status FROM erp.customers") == [("Initech Intl", "active")]
     with psycopg.connect(env.dsn):
         pass
-    from state import audit, open_state
     from agent.config import load_config
+    from state import audit, open_state
 
     st = open_state(load_config(env.cfg).agent.state_path, readonly=True)
     rows = audit.list_records(st, action="ownership_ignored")
@@ -126,8 +125,8 @@ def test_sync_shared_field_conflict_is_won_by_the_latest_change_and_audited(env:
     env.cycle(3)
     erp_phone = env.sql("SELECT phone FROM erp.customers")[0][0]
     assert erp_phone == env.sf.get("Account", sid)["Phone"], "the two sides did not converge"
-    from state import audit, open_state
     from agent.config import load_config
+    from state import audit, open_state
 
     st = open_state(load_config(env.cfg).agent.state_path, readonly=True)
     conflicts = audit.list_records(st, action="conflict_resolved")
