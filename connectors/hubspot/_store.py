@@ -19,6 +19,7 @@ from connectors.hubspot._values import (
     check_shape,
     coerce,
     error_body,
+    invalid_message,
     matches,
     ms,
     order,
@@ -126,6 +127,7 @@ class Plan:
     props: dict[str, str | None]
     error: dict[str, Any] | None = None
     status: int = 200
+    invalid: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Store:
@@ -138,11 +140,13 @@ class Store:
         index_lag: timedelta = timedelta(0),
         tie_order: str = "scrambled",
         association_bumps_modified: bool = False,
+        archive_retention: timedelta = timedelta(days=90),
     ) -> None:
         self._now = now
         self.index_lag = index_lag
         self.tie_order = tie_order
         self.association_bumps_modified = association_bumps_modified
+        self.archive_retention = archive_retention
         self._next_id = 1_000_000_001
         self._records: dict[str, dict[str, Record]] = {o: {} for o in OBJECT_TYPE_IDS}
         self._assoc: dict[tuple[str, str, str], dict[str, set[int]]] = {}
@@ -225,6 +229,7 @@ class Store:
     # --- lookup -------------------------------------------------------------------------
     def records(self, obj: str, *, archived: bool | None = False) -> list[Record]:
         """Records of ``obj`` ordered by id: live ones, archived ones, or (None) all."""
+        self._forget_old_archives(obj)
         rows = list(self._records[obj].values())
         if archived is not None:
             rows = [r for r in rows if (r.archived_at is not None) == archived]
@@ -234,6 +239,7 @@ class Store:
         self, obj: str, ref: str, id_prop: str | None = None, *, archived: bool | None = False
     ) -> Record | None:
         """Find a record by id, or by the value of unique property ``id_prop``."""
+        self._forget_old_archives(obj)
         if id_prop and id_prop != "hs_object_id":
             hits = [r for r in self._records[obj].values() if r.props.get(id_prop) == ref]
         else:
@@ -243,6 +249,13 @@ class Store:
             if archived is None or (rec.archived_at is not None) == archived:
                 return rec
         return None
+
+    def _forget_old_archives(self, obj: str) -> None:
+        """Archived records are restorable for a while, then gone for good (and from the list)."""
+        cutoff = self._now() - self.archive_retention
+        rows = self._records[obj]
+        for rec in [r for r in rows.values() if r.archived_at is not None and r.archived_at < cutoff]:
+            del rows[rec.id]
 
     def lookup(self, obj: str, ref: str, id_prop: str | None = None, *, archived: bool = False) -> Record:
         """Like ``find`` but 404 when missing."""
@@ -283,10 +296,8 @@ class Store:
                 continue
             props, errors = self._normalize(obj, raw)
             if errors:
-                body = error_body(
-                    "VALIDATION_ERROR", "Property values were not valid", errors=errors, context=context
-                )
-                plans.append(Plan(ref, target, props, body, 400))
+                body = error_body("VALIDATION_ERROR", invalid_message(errors), context=context)
+                plans.append(Plan(ref, target, props, body, 400, errors))
                 continue
             uniques = {(n, v) for n, v in props.items() if v is not None and self._props[obj][n].unique}
             clash = any(k in claimed or self._holder(obj, *k) not in (None, target) for k in uniques)
@@ -373,8 +384,15 @@ class Store:
             p = self._props[obj].get(name)
 
             def bad(code: str, why: str, name: str = name) -> None:
+                text = f'Property "{name}" {why}'
                 errors.append(
-                    {"message": f"Property {name}: {why}", "code": code, "context": {"propertyName": [name]}}
+                    {
+                        "isValid": False,
+                        "message": text,
+                        "error": code,
+                        "name": name,
+                        "localizedErrorMessage": text,
+                    }
                 )
 
             if p is None:

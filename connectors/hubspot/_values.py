@@ -7,6 +7,7 @@ write, evaluate a filter or sort, and render them back in HubSpot's formats.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -64,6 +65,11 @@ class Prop:
     unique: bool = False
     options: tuple[str, ...] = ()
     custom: bool = False
+
+
+def invalid_message(items: Sequence[Mapping[str, Any]]) -> str:
+    """HubSpot's 400 message for invalid property values: the details as embedded JSON."""
+    return "Property values were not valid: " + json.dumps(list(items), separators=(",", ":"))
 
 
 def check_shape(props: Mapping[str, Prop], body: Mapping[str, Any]) -> None:
@@ -188,7 +194,9 @@ def coerce(p: Prop, value: Any) -> str | None:
     elif isinstance(value, float):
         text = repr(value)
     else:
-        text = str(value).strip()
+        text = str(value)
+    if p.type != "string" and text != text.strip():  # refused since HubSpot's 2025 validation change
+        return None
     if p.type == "number":
         try:
             number = Decimal(text)

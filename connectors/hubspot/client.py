@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from agent.errors import AuthError, SyncAgentError
+from agent.errors import AuthError, PermanentError, SyncAgentError
 from agent.model import Batch, Cursor, Op, Outcome, Problem, utcnow
 from connectors.http import json_body
 from connectors.hubspot.api import HsObject, HubSpotApi
@@ -121,7 +121,7 @@ class HubSpotConnector:
         try:
             return self.objects[stream]
         except KeyError:
-            raise ValueError(f"{self.name} has no stream {stream!r}") from None
+            raise PermanentError(f"{self.name} has no stream {stream!r}") from None
 
 
 def _property_problems(

@@ -30,6 +30,7 @@ from connectors.hubspot._values import (
     csv_arg,
     error_body,
     int_arg,
+    invalid_message,
     rate_body,
     seconds_text,
     stamp,
@@ -64,6 +65,7 @@ class HubSpotEmulator(EmulatorApp):
         tie_order: str = "scrambled",
         whole_batch_errors: bool = True,
         association_bumps_modified: bool = False,
+        archive_retention_days: float = 90,
     ) -> None:
         super().__init__()
         self.store = Store(
@@ -71,6 +73,7 @@ class HubSpotEmulator(EmulatorApp):
             index_lag=timedelta(milliseconds=index_lag_ms),
             tie_order=tie_order,
             association_bumps_modified=association_bumps_modified,
+            archive_retention=timedelta(days=archive_retention_days),
         )
         self.tokens = set(tokens)
         self.client_id, self.client_secret, self.refresh_token = client_id, client_secret, refresh_token
@@ -492,8 +495,7 @@ class HubSpotEmulator(EmulatorApp):
             worst = 409 if any(p.status == 409 for p in fatal) else 400
             if worst == 409:
                 raise StoreError(409, "CONFLICT", "A unique property value is already used by another record")
-            details = [e for p in fatal for e in (p.error or {}).get("errors", [])]
-            raise StoreError(400, "VALIDATION_ERROR", "Property values were not valid", errors=details)
+            raise StoreError(400, "VALIDATION_ERROR", invalid_message([e for p in fatal for e in p.invalid]))
         results = []
         for plan in plans:
             if plan.error is None:

@@ -10,6 +10,7 @@ apply (about 2·log2(n) extra requests per bad record). 207 answers are read per
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import date, datetime
@@ -25,6 +26,7 @@ from connectors.hubspot.source import iso_ms, parse_instant
 
 logger = logging.getLogger(__name__)
 
+_PROPERTY_WIDE = frozenset({"PROPERTY_DOESNT_EXIST", "READ_ONLY_VALUE"})
 _Item = tuple[int, str]  # (index of the op, its reference: HubSpot id or unique-property value)
 
 
@@ -78,11 +80,13 @@ class BatchWriter:
     def _send(self, obj: HsObject, mode: str, chunk: list[_Item], ops: Sequence[Op]) -> dict[int, Outcome]:
         """Send one batch; bisect it when HubSpot refuses it whole."""
         inputs: list[dict[str, Any]] = []
+        sent: dict[int, set[str]] = {}
         for index, ref in chunk:
             if mode == "archive":
                 inputs.append({"id": ref})
                 continue
             props = {k: _wire(v) for k, v in ops[index].fields.items() if k not in ("id", "hs_object_id")}
+            sent[index] = set(props)
             if mode == "upsert" and obj.id_property:
                 props[obj.id_property] = ref  # echoed back, so results can be matched to inputs
                 inputs.append({"id": ref, "idProperty": obj.id_property, "properties": props})
@@ -92,8 +96,17 @@ class BatchWriter:
             "POST", f"/crm/v3/objects/{obj.name}/batch/{mode}", body={"inputs": inputs}, tolerate=(400, 409)
         )
         if response.status_code in (400, 409):
+            body = _body(response)
             if len(chunk) == 1:
-                return {chunk[0][0]: _reject(response)}
+                return {chunk[0][0]: _reject_body(body, response.status_code)}
+            # A property that does not exist (or is read-only) fails every input that sets it:
+            # reject those directly instead of bisecting down to each of them.
+            wide = {name for code, name in property_errors(body) if code in _PROPERTY_WIDE}
+            doomed = [item for item in chunk if wide & sent.get(item[0], set())]
+            if doomed:
+                out = {index: _reject_properties(wide & sent[index]) for index, _ in doomed}
+                rest = [item for item in chunk if item not in doomed]
+                return {**out, **(self._send(obj, mode, rest, ops) if rest else {})}
             logger.info(
                 "event=hubspot_batch_split object=%s mode=%s n=%s status=%s",
                 obj.name,
@@ -187,25 +200,50 @@ def _wire(value: Any) -> str:
     return str(value)
 
 
-def _reject(response: httpx.Response) -> Outcome:
+def _body(response: httpx.Response) -> Mapping[str, Any]:
     try:
         body = json_body(response)
     except ValueError:
         body = None
-    if not isinstance(body, Mapping):
-        return Outcome.reject(
-            f"http_{response.status_code}", f"HubSpot refused the record ({response.status_code})"
-        )
-    return _reject_body(body, response.status_code)
+    return body if isinstance(body, Mapping) else {"category": f"http_{response.status_code}"}
+
+
+def property_errors(body: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(code, property) pairs of a 400: from ``errors[]`` or the JSON list HubSpot embeds in ``message``."""
+    pairs = [
+        (str(e.get("code") or ""), str(n))
+        for e in body.get("errors") or []
+        for n in (e.get("context") or {}).get("propertyName") or []
+    ]
+    message = body.get("message")
+    if isinstance(message, str) and "[" in message:
+        try:
+            items = json.loads(message[message.index("[") :])
+        except ValueError:
+            items = []
+        for item in items if isinstance(items, list) else []:
+            if isinstance(item, Mapping) and item.get("name"):
+                pairs.append((str(item.get("error") or ""), str(item["name"])))
+    return pairs
+
+
+def _reject_properties(names: set[str]) -> Outcome:
+    listed = ",".join(sorted(names))
+    return Outcome.reject(
+        "VALIDATION_ERROR",
+        f"VALIDATION_ERROR properties={listed} do not exist or are read-only",
+        sorted(names)[0],
+    )
 
 
 def _reject_body(body: Mapping[str, Any], status: int | None = None) -> Outcome:
     """A reject outcome naming HubSpot's category, error codes and properties, never values."""
     category = str(body.get("category") or (f"http_{status}" if status else "error"))
-    codes = sorted({str(e.get("code")) for e in body.get("errors") or [] if e.get("code")})
-    names = [
-        str(n) for e in body.get("errors") or [] for n in ((e.get("context") or {}).get("propertyName") or [])
-    ]
+    pairs = property_errors(body)
+    codes = sorted(
+        {c for c, _ in pairs if c} | {str(e["code"]) for e in body.get("errors") or [] if e.get("code")}
+    )
+    names = [n for _, n in pairs]
     detail = (
         category
         + (f" codes={','.join(codes)}" if codes else "")

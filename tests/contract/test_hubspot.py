@@ -283,6 +283,20 @@ def test_apply_isolates_one_bad_record_when_hubspot_fails_the_whole_batch(
     assert len(emu.all(obj)) == 99 + (1 if obj == "contacts" else 0)
 
 
+def test_apply_rejects_inputs_directly_when_a_property_does_not_exist_or_is_read_only(hubspot: Start) -> None:
+    """Inputs setting an unknown or read-only property are rejected by name, without bisecting."""
+    emu, url = hubspot()
+    ops = [upsert("deals", {"erp_id": f"X-{n}"}, dealname=f"d{n}") for n in range(100)]
+    for n in range(5):
+        ops[n] = upsert("deals", {"erp_id": f"X-{n}"}, dealname="d", bogus="1")
+        ops[50 + n] = upsert("deals", {"erp_id": f"X-{50 + n}"}, dealname="d", createdate="2026-01-01")
+    outcomes = connect(url).apply(ops)
+    rejected = {n: o.field_name for n, o in enumerate(outcomes) if o.status == "reject"}
+    assert rejected == {**dict.fromkeys(range(5), "bogus"), **dict.fromkeys(range(50, 55), "createdate")}
+    assert len(emu.all("deals")) == 90
+    assert len(emu.requests(path_prefix="/crm/v3/objects/deals/batch/upsert")) == 2
+
+
 def test_apply_archives_records_when_ops_delete(hubspot: Start) -> None:
     """Deletes by id or by erp_id archive the record; a missing one counts as already deleted."""
     emu, url = hubspot()
@@ -366,6 +380,23 @@ def test_read_refreshes_oauth_token_once_when_it_expired(hubspot: Start) -> None
         connect(url).read("deals", None, limit=10)
 
 
+def test_oauth_refreshes_ahead_of_expiry_when_token_is_about_to_lapse(hubspot: Start) -> None:
+    """The provider renews a 30-minute token inside its margin, before any 401; bad secrets are AuthError."""
+    _, url = hubspot()
+    now = [utcnow()]
+    client = make_client(url, timeout=5.0)
+    provider = HubSpotOAuth(
+        client, "emulator-client", Secret("emulator-secret"), Secret("emulator-refresh"), clock=lambda: now[0]
+    )
+    first = provider.token()
+    now[0] += timedelta(minutes=28)
+    assert provider.token() == first and provider.fetches == 1
+    now[0] += timedelta(minutes=1, seconds=1)  # 29:01 of 30:00, inside the 60 s margin
+    assert provider.token() != first and provider.fetches == 2
+    with pytest.raises(AuthError, match="BAD_REFRESH_TOKEN"):
+        HubSpotOAuth(client, "emulator-client", Secret("emulator-secret"), Secret("stale")).token()
+
+
 def test_check_reports_problems_when_config_does_not_match_account(hubspot: Start) -> None:
     """check() is clean for a good config and names bad properties, keys and tokens."""
     emu, url = hubspot()
@@ -391,6 +422,16 @@ def test_connector_satisfies_source_and_sink_protocols(hubspot: Start) -> None:
 
 
 # --- emulator fidelity ----------------------------------------------------------------------------
+
+
+def test_emulator_forgets_archived_records_when_retention_passes(hubspot: Start) -> None:
+    """Archived records show in archived=true lists only for the retention window."""
+    emu, url = hubspot(archive_retention_days=1)
+    recent, old = deal(emu, 1, ago(days=3)), deal(emu, 2, ago(days=3))
+    emu.archive("deals", recent, at=ago(hours=2))
+    emu.archive("deals", old, at=ago(days=2))
+    changes, _ = drain(connect(url), "deals", None)
+    assert [(c.op, c.key["id"]) for c in changes] == [("delete", recent)]
 
 
 def test_emulator_enforces_search_rules_when_requests_break_them(hubspot: Start) -> None:
