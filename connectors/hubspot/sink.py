@@ -98,7 +98,7 @@ class BatchWriter:
         if response.status_code in (400, 409):
             body = _body(response)
             if len(chunk) == 1:
-                return {chunk[0][0]: _reject_body(body, response.status_code)}
+                return {chunk[0][0]: reject_outcome(body, response.status_code)}
             # A property that does not exist (or is read-only) fails every input that sets it:
             # reject those directly instead of bisecting down to each of them.
             wide = {name for code, name in property_errors(body) if code in _PROPERTY_WIDE}
@@ -134,7 +134,7 @@ class BatchWriter:
             by_ref[ref] = Outcome.applied(str(result.get("id")), iso_ms(when) if when else None)
         loose: list[Outcome] = []
         for error in body.get("errors") or []:
-            outcome = _reject_body(error)
+            outcome = reject_outcome(error)
             named = [
                 str(v)
                 for values in (error.get("context") or {}).values()
@@ -236,7 +236,7 @@ def _reject_properties(names: set[str]) -> Outcome:
     )
 
 
-def _reject_body(body: Mapping[str, Any], status: int | None = None) -> Outcome:
+def reject_outcome(body: Mapping[str, Any], status: int | None = None) -> Outcome:
     """A reject outcome naming HubSpot's category, error codes and properties, never values."""
     category = str(body.get("category") or (f"http_{status}" if status else "error"))
     pairs = property_errors(body)

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,8 +21,10 @@ from connectors.base import Sink, Source
 from connectors.emulator import EmulatorServer
 from connectors.http import make_client
 from connectors.hubspot import HsObject, HubSpotConnector, HubSpotEmulator, HubSpotOAuth
+from connectors.hubspot.sink import property_errors, reject_outcome
 
 TOKEN = "pat-na1-emulator"
+DATA = Path(__file__).resolve().parents[1] / "data" / "hubspot"
 DEALS = HsObject("deals", ("dealname", "amount", "dealstage"), "erp_id")
 COMPANIES = HsObject("companies", ("name", "domain"), "erp_id")
 CONTACTS = HsObject("contacts", ("email", "firstname"), "erp_id", modified_property="lastmodifieddate")
@@ -297,6 +300,28 @@ def test_apply_rejects_inputs_directly_when_a_property_does_not_exist_or_is_read
     assert len(emu.requests(path_prefix="/crm/v3/objects/deals/batch/upsert")) == 2
 
 
+@pytest.mark.parametrize(
+    ("sample", "reason", "pairs"),
+    [
+        (
+            "batch_400_invalid_properties.json",
+            "VALIDATION_ERROR",
+            [("PROPERTY_DOESNT_EXIST", "legacy_code"), ("INVALID_NUMBER", "amount")],
+        ),
+        ("batch_409_conflict.json", "CONFLICT", []),
+    ],
+)
+def test_sink_parses_vendor_error_bodies_when_hubspot_refuses_a_batch(
+    sample: str, reason: str, pairs: list[tuple[str, str]]
+) -> None:
+    """Real 400/409 shapes (details embedded in ``message``) yield codes and names, never values."""
+    body = json.loads((DATA / sample).read_text())
+    assert property_errors(body) == pairs
+    outcome = reject_outcome(body)
+    assert outcome.reason == reason
+    assert "12,5" not in (outcome.detail or "") and "5512" not in (outcome.detail or "")
+
+
 def test_apply_archives_records_when_ops_delete(hubspot: Start) -> None:
     """Deletes by id or by erp_id archive the record; a missing one counts as already deleted."""
     emu, url = hubspot()
@@ -453,5 +478,7 @@ def test_emulator_enforces_search_rules_when_requests_break_them(hubspot: Start)
     assert ok.json()["total"] == 2 and not any(h.startswith("x-hubspot-ratelimit") for h in ok.headers)
     listed = httpx.get(f"{url}/crm/v3/objects/deals", headers=auth)
     assert listed.headers["x-hubspot-ratelimit-max"] == "100"
+    dated = httpx.get(f"{url}/crm/objects/2026-03/0-3", headers=auth)  # date-versioned path, type id
+    assert [r["id"] for r in dated.json()["results"]] == [r["id"] for r in listed.json()["results"]]
     denied = httpx.get(f"{url}/crm/v3/objects/deals")
     assert denied.status_code == 401 and denied.json()["category"] == "INVALID_AUTHENTICATION"
