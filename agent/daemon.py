@@ -23,7 +23,7 @@ from agent.errors import ConfigError, ConfigIssue
 from agent.logging import log_event
 from agent.resolve import Resolver
 from agent.retry import RetryPolicy
-from connectors.auth import BearerAuth, ClientCredentials, JwtBearer, hs256_signer
+from connectors.auth import BearerAuth, ClientCredentials, JwtBearer, hs256_signer, pem_signer
 from connectors.base import Sink, Source
 from connectors.http import make_client
 from connectors.postgres import PostgresSource, TableSpec, check_row_filter
@@ -207,12 +207,18 @@ def _salesforce(
     token_url = o["token_url"] or "/services/oauth2/token"
     provider: Any
     if o["auth"] == "jwt":
+        signer = (
+            hs256_signer(o["private_key"])
+            if o["signing_algorithm"] == "HS256"
+            else pem_signer(o["private_key"], "RS256")
+        )
         provider = JwtBearer(
             client,
             token_url,
             client_id=o["client_id"].reveal(),
             username=o["username"],
-            signer=hs256_signer(o["private_key"]),
+            signer=signer,
+            audience=o["jwt_audience"],
         )
     else:
         provider = ClientCredentials(
@@ -235,6 +241,115 @@ def _salesforce(
     return conn, conn
 
 
+def _hubspot(
+    config: Config, sc: SystemConfig, transport: httpx.BaseTransport | None, clients: list[httpx.Client]
+) -> tuple[Any, Any]:
+    from connectors.auth import StaticToken
+    from connectors.hubspot import HsObject, HubSpotConnector, HubSpotOAuth
+
+    o = sc.options
+    client = _http(sc, o["base_url"], transport, clients)
+    provider: Any
+    if o["token"] is not None:
+        provider = StaticToken(o["token"])
+    else:
+        provider = HubSpotOAuth(client, o["client_id"].reveal(), o["client_secret"], o["refresh_token"])
+    objects = {}
+    for obj, (entity, cols) in _fields_of(config, sc.name).items():
+        m = entity.systems[sc.name]
+        modified = "lastmodifieddate" if obj == "contacts" else "hs_lastmodifieddate"
+        objects[obj] = HsObject(
+            obj,
+            tuple(c for c in cols if c != m.external_id),
+            id_property=m.external_id,
+            modified_property=modified,
+        )
+    conn = HubSpotConnector(
+        sc.name,
+        client,
+        auth=BearerAuth(provider),
+        objects=objects,
+        lookback=timedelta(seconds=o["lookback_seconds"]),
+        search_rate_per_s=o["search_rate_per_s"],
+    )
+    return conn, conn
+
+
+def _dynamics(
+    config: Config, sc: SystemConfig, transport: httpx.BaseTransport | None, clients: list[httpx.Client]
+) -> tuple[Any, Any]:
+    from connectors.dynamics import DvTable, DynamicsConnector
+
+    o = sc.options
+    client = _http(sc, o["base_url"], transport, clients)
+    token_url = o["token_url"] or f"https://login.microsoftonline.com/{o['tenant']}/oauth2/v2.0/token"
+    provider = ClientCredentials(
+        client,
+        token_url,
+        client_id=o["client_id"].reveal(),
+        client_secret=o["client_secret"],
+        scope=o["scope"] or f"{o['base_url'].rstrip('/')}/.default",
+    )
+    tables = {}
+    for obj, (entity, cols) in _fields_of(config, sc.name).items():
+        m = entity.systems[sc.name]
+        logical = m.key[:-2] if m.key.endswith("id") else m.key
+        tables[obj] = DvTable(
+            obj, logical, m.key, tuple(cols), alternate_key=(m.external_id,) if m.external_id else None
+        )
+    conn = DynamicsConnector(
+        sc.name,
+        client,
+        auth=BearerAuth(provider),
+        tables=tables,
+        api_path=o["api_path"],
+        page_size=o["page_size"],
+        lookback=timedelta(seconds=o["lookback_seconds"]),
+    )
+    return conn, conn
+
+
+def _netsuite(
+    config: Config, sc: SystemConfig, transport: httpx.BaseTransport | None, clients: list[httpx.Client]
+) -> tuple[Any, Any]:
+    from connectors.netsuite import NetSuiteConnector, NetSuiteM2M, NsRecord, standard_records
+
+    o = sc.options
+    client = _http(sc, o["base_url"], transport, clients)
+    algorithm = o["signing_algorithm"]
+    signer = (
+        hs256_signer(o["private_key"]) if algorithm == "HS256" else pem_signer(o["private_key"], algorithm)
+    )
+    provider = NetSuiteM2M(
+        client,
+        client_id=o["client_id"].reveal(),
+        certificate_id=o["certificate_id"],
+        signer=signer,
+        algorithm=algorithm,
+        token_path=o["token_url"] or "/services/rest/auth/oauth2/v1/token",
+    )
+    known = standard_records()
+    records = {}
+    for obj, (entity, cols) in _fields_of(config, sc.name).items():
+        m = entity.systems[sc.name]
+        base = known.get(obj)
+        records[obj] = (
+            base
+            if base is not None
+            else NsRecord(obj, obj, tuple(cols), external_id_field=m.external_id or "externalid")
+        )
+    conn = NetSuiteConnector(
+        sc.name,
+        client,
+        auth=BearerAuth(provider),
+        records=records,
+        page_size=o["page_size"],
+        lookback=timedelta(seconds=o["lookback_seconds"]),
+        query_cap=o["query_cap"],
+    )
+    return conn, conn
+
+
 def m_ext(entity: EntityConfig, system: str) -> str | None:
     """The external-id field an entity uses in ``system`` (None if it has none)."""
     return entity.systems[system].external_id
@@ -243,4 +358,7 @@ def m_ext(entity: EntityConfig, system: str) -> str | None:
 _BUILDERS: Mapping[str, Callable[..., tuple[Any, Any]]] = {
     "postgres": _pg,
     "salesforce": _salesforce,
+    "hubspot": _hubspot,
+    "dynamics": _dynamics,
+    "netsuite": _netsuite,
 }

@@ -283,3 +283,37 @@ def _compact(value: Mapping[str, Any]) -> bytes:
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def pem_signer(private_key: Secret, algorithm: str = "RS256") -> Signer:
+    """Return a signer for RS256, PS256 or ES256 from a PEM private key.
+
+    Needs the optional ``cryptography`` package (``pip install syncagent[jwt]``); without it
+    the error says so instead of failing at the first token request. The key's text is
+    parsed once and never logged.
+    """
+    try:
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
+    except ImportError as exc:  # pragma: no cover - depends on the installed extras
+        raise AuthError(
+            f"{algorithm} signing needs the 'cryptography' package: pip install syncagent[jwt]"
+        ) from exc
+    try:
+        key: Any = serialization.load_pem_private_key(private_key.reveal().encode(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise AuthError("the private key is not an unencrypted PEM private key") from exc
+
+    def sign(data: bytes) -> bytes:
+        if algorithm == "RS256":
+            return bytes(key.sign(data, padding.PKCS1v15(), hashes.SHA256()))
+        if algorithm == "PS256":
+            pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+            return bytes(key.sign(data, pss, hashes.SHA256()))
+        if algorithm == "ES256":
+            r, s = utils.decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
+            return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        raise AuthError(f"unsupported JWT algorithm {algorithm}")
+
+    sign.algorithm = algorithm  # type: ignore[attr-defined]
+    return sign
