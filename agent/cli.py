@@ -394,8 +394,14 @@ def checkpoint_rewind(
             return
         rows = 0
         if plan.kind == "resync" and sys.stderr.isatty() and not as_json:
-            with click.progressbar(length=0, label="resync", file=sys.stderr, show_pos=True) as bar:
-                rows = ops.execute_rewind(rt, st, plan, actor=ops.operator(), progress=bar.update)
+            done = [0]
+
+            def _progress(n: int) -> None:
+                done[0] += n
+                click.echo(f"\rresync: {done[0]:,} rows journaled", err=True, nl=False)
+
+            rows = ops.execute_rewind(rt, st, plan, actor=ops.operator(), progress=_progress)
+            click.echo("", err=True)
         else:
             rows = ops.execute_rewind(rt, st, plan, actor=ops.operator())
     if as_json:
