@@ -11,7 +11,6 @@ import functools
 import json
 import os
 import re
-import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -200,6 +199,11 @@ def run(c: Ctx, once: bool) -> None:
     cfg = c.config()
     setup_logging(level=c.log_level, fmt=c.log_format if c.log_format != "logfmt" else cfg.agent.log_format)
     with _runtime(c) as rt:
+        if not once:
+            from agent.service import Service
+
+            Service(rt).serve()
+            return
         runner = AgentRunner(rt)
         if once:
             report = runner.run_once()
@@ -217,13 +221,6 @@ def run(c: Ctx, once: bool) -> None:
                 )
             )
             sys.exit(0 if report.ok else 1)
-
-        def _stop(_sig: int, _frame: Any) -> None:
-            runner.stop()
-
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
-        runner.run_forever()
 
 
 @cli.command()

@@ -362,3 +362,52 @@ _BUILDERS: Mapping[str, Callable[..., tuple[Any, Any]]] = {
     "dynamics": _dynamics,
     "netsuite": _netsuite,
 }
+
+
+def swap_config(runtime: Runtime, config: Config) -> list[str]:
+    """Apply a new, validated config to a running runtime; return what changed.
+
+    Mapping, ownership, policies and schedules change live. Connections (the systems'
+    connector settings) need a restart: such a change is refused whole, so the running
+    config stays consistent.
+    """
+    old = runtime.config
+    moved = [
+        name
+        for name in {*old.systems, *config.systems}
+        if _connection(old.systems.get(name)) != _connection(config.systems.get(name))
+    ]
+    if moved:
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    str(config.path),
+                    f"systems.{name}",
+                    "connection settings changed: restart the agent to apply them",
+                )
+                for name in sorted(moved)
+            ]
+        )
+    origins = runtime.resolver.own_origins
+    runtime.resolver = Resolver(config, own_origins=origins)
+    runtime.config = config
+    a = config.agent
+    runtime.policy = RetryPolicy(a.retry_base_seconds, a.retry_cap_seconds, a.max_attempts)
+    changed = ["entities", "agent"] + [
+        f"systems.{n}.poll_interval"
+        for n in config.systems
+        if old.systems[n].poll_interval != config.systems[n].poll_interval
+    ]
+    log_event(logger, "config_reloaded", digest=config.digest, changed=",".join(changed))
+    return changed
+
+
+def _connection(sc: SystemConfig | None) -> Any:
+    if sc is None:
+        return None
+    return (
+        sc.type,
+        sc.verify_tls,
+        sc.timeout_seconds,
+        tuple(sorted((k, repr(v) if v is None else v) for k, v in sc.options.items())),
+    )

@@ -270,7 +270,11 @@ class AgentRunner:
     def run_forever(self) -> None:
         """Schedule every job and block until ``stop()``; a clean stop finishes the batch in flight."""
         sched = BlockingScheduler(
-            executors={"default": ThreadPoolExecutor(max_workers=6)},
+            # The watchdog ping has a thread of its own: a long catch-up must not starve it.
+            executors={
+                "default": ThreadPoolExecutor(max_workers=6),
+                "watchdog": ThreadPoolExecutor(max_workers=1),
+            },
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30},
         )
         self._scheduler = sched
@@ -304,7 +308,9 @@ class AgentRunner:
         sched.add_job(self._job("prune", "state", self.prune), "interval", hours=1, id="prune")
         interval = watchdog_interval()
         if interval:
-            sched.add_job(self.notifier.watchdog, "interval", seconds=interval, id="watchdog")
+            sched.add_job(
+                self.notifier.watchdog, "interval", seconds=interval, id="watchdog", executor="watchdog"
+            )
         self.notifier.ready()
         log_event(
             logger,
@@ -317,6 +323,16 @@ class AgentRunner:
             sched.start()
         finally:
             self.close()
+
+    def reschedule(self) -> None:
+        """Apply the (reloaded) config's poll and resolve intervals to the running jobs."""
+        if self._scheduler is None:
+            return
+        cfg = self.rt.config
+        for name, sc in cfg.systems.items():
+            if self._scheduler.get_job(f"poll:{name}") is not None:
+                self._scheduler.reschedule_job(f"poll:{name}", trigger="interval", seconds=sc.poll_interval)
+        self._scheduler.reschedule_job("resolve", trigger="interval", seconds=cfg.agent.resolve_interval)
 
     def _job(self, job: str, connector: str, fn: Callable[[], Any]) -> Callable[[], None]:
         def run() -> None:
