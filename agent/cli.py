@@ -137,8 +137,7 @@ def init(c: Ctx, dry_run: bool, as_json: bool) -> None:
     """Create the publication, replication slot and origin (idempotent), and the state file."""
     done = ops.init(c.config(), dry_run=dry_run)
     if not dry_run:
-        with _state(c):
-            pass
+        ops.prepare_state(c.config())
     if as_json:
         emit_json({"ok": True, "dry_run": dry_run, "statements": done})
         return

@@ -7,6 +7,7 @@ audit row with the operator as actor; the CLI shows a dry run unless given ``--y
 from __future__ import annotations
 
 import getpass
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,6 +38,24 @@ def operator() -> str:
 def open_store(config: Config, *, readonly: bool = False) -> State:
     """Open the config's state file (read-only for the reporting commands)."""
     return open_state(config.agent.state_path, readonly=readonly)
+
+
+def prepare_state(config: Config) -> None:
+    """Create (or migrate) the state file; when run as root, hand it to its folder's owner.
+
+    ``sudo syncagent init`` must not leave a root-owned state file that the service user
+    (the owner of systemd's StateDirectory) can no longer write.
+    """
+    open_store(config).close()
+    path = config.agent.state_path
+    if os.geteuid() != 0:
+        return
+    folder = os.stat(path.parent)
+    if folder.st_uid == 0:
+        return
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if p.exists():
+            os.chown(p, folder.st_uid, folder.st_gid)
 
 
 def journal_rows(st: State, *, since_seq: int, limit: int, source: str | None) -> list[JournalRow]:

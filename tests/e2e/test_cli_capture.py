@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pwd
 from pathlib import Path
 
 import psycopg
@@ -122,3 +124,16 @@ def test_rewind_of_postgres_is_a_resync_and_dry_run_by_default(erp: tuple[str, P
     code, out = sa(cfg, "journal", "--json", "--limit", "100")
     ops = [e["op"] for e in json.loads(out)["entries"]]
     assert ops.count("insert") == 7 and ops.count("read") == 7
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="hands files to another user: needs root (CI runs as root)")
+def test_init_as_root_hands_the_state_file_to_the_state_folders_owner(erp: tuple[str, Path]) -> None:
+    _, cfg = erp
+    from agent.config import load_config
+
+    state_dir = load_config(cfg).agent.state_path.parent
+    state_dir.mkdir(mode=0o700)
+    pw = pwd.getpwnam("postgres")
+    os.chown(state_dir, pw.pw_uid, pw.pw_gid)
+    assert sa(cfg, "init")[0] == 0
+    assert os.stat(state_dir / "state.db").st_uid == pw.pw_uid
