@@ -56,6 +56,7 @@ class Snapshot:
     exceptions: Mapping[str, Any]
     journal: Mapping[str, Any]
     problems: list[str] = field(default_factory=list)
+    api: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (the ``--json`` body)."""
@@ -75,7 +76,7 @@ def snapshot(
         owner = f"source:{name}"
         stream_names = sorted(
             {s for (o, s) in cps if o == owner and not s.startswith("resync:")}
-            | {s for (c, s) in rows if c == name and s not in ("*", "deliver")}
+            | {s for (c, s) in rows if c == name and s not in ("*", "deliver", "api")}
         )
         error_row = rows.get((name, "*"))
         for stream in stream_names or ["-"]:
@@ -144,6 +145,7 @@ def snapshot(
         },
         journal={s: {"count": v.count, "pending": v.pending} for s, v in jstats.items()},
         problems=problems,
+        api={c: dict(h.detail or {}) for (c, s), h in rows.items() if s == "api"},
     )
 
 

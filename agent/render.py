@@ -77,6 +77,9 @@ def render_status(snap: Any) -> None:
             ],
             ["outbox target", "pending", "due", "retrying", "oldest"],
         )
+    for connector, usage in snap.api.items():
+        parts = [f"{k}={v}" for k, v in usage.items() if v is not None]
+        click.echo(f"api {connector}: " + " ".join(parts))
     e = snap.exceptions
     click.echo(f"exceptions open: {e['open']}")
     for reason, v in e["by_reason"].items():

@@ -32,6 +32,9 @@ from state.db import State
 
 logger = logging.getLogger(__name__)
 
+#: Health row holding an API connector's call usage and budget (not a stream of changes).
+API_STREAM = "api"
+
 
 @dataclass
 class CycleReport:
@@ -114,6 +117,9 @@ class AgentRunner:
 
     def _gauges(self, name: str, st: State) -> None:
         source = self.rt.sources[name]
+        usage = getattr(source, "api_usage", None)
+        if callable(usage):
+            health.set_gauges(st, name, API_STREAM, detail=usage())
         lag = getattr(source, "lag", None)
         if not callable(lag):
             return
@@ -216,7 +222,7 @@ class AgentRunner:
         except PermanentError as exc:
             self._record_failure(job, connector, exc, "stopped")
             if report is not None:
-                report.failures[connector] = str(exc)
+                report.failures[connector] = f"{type(exc).__name__}: {exc}"
             if self._scheduler is not None:
                 for j in self._scheduler.get_jobs():
                     if j.id.endswith(f":{connector}"):
@@ -225,7 +231,7 @@ class AgentRunner:
         except (RetryableError, SyncAgentError) as exc:
             self._record_failure(job, connector, exc, "error")
             if report is not None:
-                report.failures[connector] = str(exc)
+                report.failures[connector] = f"{type(exc).__name__}: {exc}"
             return False
         except Exception as exc:  # the job wrapper is the one place that may catch everything
             logger.error("job_crashed", extra={"fields": {"job": job}}, exc_info=True)

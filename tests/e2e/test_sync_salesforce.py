@@ -82,6 +82,8 @@ def test_sync_erp_customer_reaches_salesforce_and_its_echo_is_dropped(env: Env) 
     code, out = env.cli("journal", "--json", "--limit", "1000")
     fates = [e["fate"] for e in json.loads(out)["entries"]]
     assert "echo" in fates and fates[0] == "applied"
+    code, out = env.cli("status", "--json")
+    assert json.loads(out)["api"]["crm"]["calls"] > 0
 
 
 def test_sync_salesforce_account_creates_an_erp_customer_with_its_crm_id(env: Env) -> None:
@@ -184,3 +186,19 @@ def test_sync_batches_salesforce_writes_200_records_a_request(env: Env) -> None:
     env.cycle()
     assert len(env.sf.all("Account")) == 450
     assert env.writes() - before == 3
+
+
+def test_sync_defers_visibly_when_the_api_budget_is_spent(env: Env) -> None:
+    env.cfg.write_text(
+        env.cfg.read_text().replace("lookback_seconds = 5", "lookback_seconds = 5\nbudget_per_run = 1")
+    )
+    env.sql("INSERT INTO erp.customers (customer_no, name) VALUES ('C-1', 'Acme')")
+    env.sf.shift_clock(timedelta(seconds=3))
+    code, text = env.cli("run", "--once")
+    assert code == 1 and "BudgetExhausted" in json.dumps(
+        json.loads(text.strip().splitlines()[-1])["failures"]
+    )
+    code, out = env.cli("status", "--json")
+    crm = [s for s in json.loads(out)["streams"] if s["connector"] == "crm"]
+    assert crm and all(s["state"] == "deferred" for s in crm), crm
+    assert "budget" in crm[0]["fix"]
