@@ -157,18 +157,29 @@ def plan_rewind(
         raise PermanentError(f"unknown checkpoint {target!r}: use `checkpoint list` for the names")
     source = runtime.sources[system]
     streams = [stream] if stream else list(source.streams())
-    if runtime.config.systems[system].type == "postgres" or not hasattr(source, "cursor_for_time"):
+    rewindable = runtime.config.systems[system].type != "postgres" and hasattr(source, "cursor_for_time")
+    if rewindable and to_time is not None:
+        try:
+            for s in streams:
+                source.cursor_for_time(s, to_time)  # type: ignore[attr-defined]
+        except CursorUnavailable:
+            rewindable = False
+    if not rewindable:
         if not isinstance(source, Resync):
             raise CursorUnavailable(f"{system} cannot rewind and has no resync")
         tables = [m.object for _e, m in runtime.config.mappings_of(system)]
         if stream and stream != "wal":
             tables = [stream]
         when = to_time.isoformat() if to_time else "the beginning (all rows)"
+        why = (
+            "a replication slot cannot move backwards"
+            if runtime.config.systems[system].type == "postgres"
+            else "its change cursor cannot move back to a time"
+        )
         return RewindPlan(
             target,
             "resync",
-            f"a replication slot cannot move backwards: re-read {', '.join(tables)}"
-            f" changed since {when} as 'read' changes into the journal",
+            f"{why}: re-read {', '.join(tables)} changed since {when} as 'read' changes into the journal",
             None,
             {"tables": tables, "since": to_time.isoformat() if to_time else None},
         )

@@ -450,6 +450,11 @@ class _Resolution:
                 )
             )
             return
+        if tid is None:
+            # A first copy leaves empty values out, so the target's own defaults apply (a NOT
+            # NULL column with a default must not receive an explicit NULL); the shadow still
+            # records them as empty, so the target's echo of that emptiness is nothing new.
+            native = {k: v for k, v in native.items() if v is not None}
         if tid is not None and tm.external_id:
             native[tm.external_id] = self.rid
         self.ops.append(

@@ -17,11 +17,11 @@ writing in ``sink.py``, the HTTP plumbing in ``session.py``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import httpx
 
-from agent.errors import AuthError, PermanentError, RetryableError, SyncAgentError
+from agent.errors import AuthError, CursorUnavailable, PermanentError, RetryableError, SyncAgentError
 from agent.model import Batch, Cursor, Op, Outcome, Problem, utcnow
 from connectors.dynamics.odata import literal
 from connectors.dynamics.session import DvSession, DvTable
@@ -61,6 +61,23 @@ class DynamicsConnector:
     def read(self, stream: str, cursor: Cursor | None, *, limit: int) -> Batch:
         """Return the next batch of changes of ``stream`` after ``cursor``."""
         return self._reader.read(stream, self._table(stream), cursor, limit)
+
+    def cursor_for_time(self, stream: str, when: datetime) -> Cursor:
+        """A cursor that re-reads ``stream`` from ``when``; delta links cannot go back in time."""
+        table = self.tables[stream]
+        if table.change_tracking:
+            raise CursorUnavailable(
+                f"{self.name}/{stream}: a change-tracking delta token cannot be rewound to a time; "
+                "the rewind is a resync of the table"
+            )
+        return Cursor(
+            {
+                "v": 1,
+                "mode": "modifiedon",
+                "ts": when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "id": "",
+            }
+        )
 
     def commit(self, stream: str, cursor: Cursor) -> None:
         """Do nothing: Dataverse keeps no per-client position to acknowledge."""

@@ -26,7 +26,7 @@ from agent.model import Batch, Cursor, Op, Outcome, Problem, utcnow
 from connectors.http import json_body
 from connectors.hubspot.api import HsObject, HubSpotApi
 from connectors.hubspot.sink import BatchWriter
-from connectors.hubspot.source import ChangeReader, pick_associated
+from connectors.hubspot.source import ChangeReader, iso_ms, pick_associated
 from connectors.paging import after_cursor_pages
 
 
@@ -62,6 +62,10 @@ class HubSpotConnector:
     def read(self, stream: str, cursor: Cursor | None, *, limit: int) -> Batch:
         """Read the next changes of ``stream`` after ``cursor`` (None: from the beginning)."""
         return self._reader.read(self._object(stream), cursor, limit=limit)
+
+    def cursor_for_time(self, stream: str, when: datetime) -> Cursor:
+        """A cursor that re-reads ``stream`` from ``when`` (an operator's rewind)."""
+        return Cursor({"v": 1, "ts": iso_ms(when), "id": ""})
 
     def commit(self, stream: str, cursor: Cursor) -> None:
         """Nothing to acknowledge: HubSpot keeps no read position for us."""

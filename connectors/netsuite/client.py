@@ -328,6 +328,10 @@ class NetSuiteConnector:
             raise PermanentError(f"{self.name} has no stream {stream!r}")
         return self._reader.read(spec, cursor, limit)
 
+    def cursor_for_time(self, stream: str, when: datetime) -> Cursor:
+        """A cursor that re-reads ``stream`` from ``when`` (an operator's rewind)."""
+        return Cursor({"v": 1, "ts": when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "id": "0"})
+
     def commit(self, stream: str, cursor: Cursor) -> None:
         """Nothing to acknowledge: NetSuite keeps no read position for us."""
 

@@ -52,6 +52,7 @@ _USAGE = re.compile(r"api-usage=(\d+)/(\d+)")
 _VERSION = re.compile(r"v\d+\.\d+\Z")
 _DAY = timedelta(days=1)
 _LOOKUP_CHUNK = 100
+_FETCH_CHUNK = 200  # Ids per SOQL query: keeps the GET URL far below Salesforce's 16k limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +205,10 @@ class SalesforceConnector:
         )
         return Batch(changes=changes, next_cursor=next_pos.to_cursor(), more=more)
 
+    def cursor_for_time(self, stream: str, when: datetime) -> Cursor:
+        """A cursor that re-reads ``stream`` from ``when`` (an operator's rewind)."""
+        return ReadPosition(ts=when.astimezone(UTC), id="").to_cursor()
+
     def commit(self, stream: str, cursor: Cursor) -> None:
         """Do nothing: Salesforce keeps no reader state to acknowledge."""
 
@@ -281,6 +286,30 @@ class SalesforceConnector:
                         "MULTIPLE_MATCHES", f"{len(matches)} {object_name} records share the key", field
                     )
         return ids
+
+    # --- Lookup (reconciliation) -------------------------------------------------------
+    def fetch(self, object_name: str, ids: Sequence[str]) -> dict[str, dict[str, Any] | None]:
+        """Return the current records of ``object_name`` by Id; ``None`` where deleted or never there.
+
+        One ``SELECT ... WHERE Id IN (...)`` query per 200 Ids (``query``, not ``queryAll``:
+        a record in the Recycle Bin counts as gone). A 15-character Id finds its 18-character form.
+        """
+        obj = self._object(object_name)
+        out: dict[str, dict[str, Any] | None] = dict.fromkeys(ids)
+        short = {i[:15]: i for i in out if len(i) == 15}
+        wanted = list(out)
+        for start in range(0, len(wanted), _FETCH_CHUNK):
+            chunk = wanted[start : start + _FETCH_CHUNK]
+            soql = (
+                f"SELECT {', '.join(obj.select_list())} FROM {obj.name} "
+                f"WHERE Id IN ({', '.join(soql_quote(i) for i in chunk)})"
+            )
+            for record in self._query_records(soql):
+                rid = str(record.get("Id"))
+                key = rid if rid in out else short.get(rid[:15])
+                if key is not None:
+                    out[key] = {k: v for k, v in record.items() if k != "attributes"}
+        return out
 
     # --- checks and status ------------------------------------------------------------
     def check(self) -> list[Problem]:

@@ -202,3 +202,22 @@ def test_sync_defers_visibly_when_the_api_budget_is_spent(env: Env) -> None:
     crm = [s for s in json.loads(out)["streams"] if s["connector"] == "crm"]
     assert crm and all(s["state"] == "deferred" for s in crm), crm
     assert "budget" in crm[0]["fix"]
+
+
+def test_sync_rewinding_salesforce_rereads_and_changes_nothing_twice(env: Env) -> None:
+    for n in range(3):
+        env.sf.insert("Account", {"Name": f"Rewound {n}"})
+    env.cycle(2)
+    assert len(env.sql("SELECT id FROM erp.customers")) == 3
+    code, out = env.cli("checkpoint", "rewind", "crm", "--to", "2h", "--json")
+    plan = json.loads(out)["plan"]
+    assert code == 0 and plan["kind"] == "api" and set(plan["new"]) == {"Account", "Opportunity"}
+    code, out = env.cli("checkpoint", "rewind", "crm", "--to", "2h", "--yes", "--json")
+    assert code == 0
+    writes, rows = env.writes(), env.sql("SELECT id, xmin::text FROM erp.customers ORDER BY id")
+    out = env.cycle(2)
+    assert env.sql("SELECT id, xmin::text FROM erp.customers ORDER BY id") == rows
+    assert env.writes() == writes
+    code, out = env.cli("checkpoint", "list", "--json")
+    gens = {(c["owner"], c["stream"]): c["generation"] for c in json.loads(out)["checkpoints"]}
+    assert gens[("source:crm", "Account")] == 2
