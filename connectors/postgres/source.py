@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import psycopg
 
@@ -23,6 +24,7 @@ from agent.model import Batch, Change, ChangeOp, Cursor, Problem, utcnow
 from connectors.postgres import slot as slots
 from connectors.postgres.checks import check
 from connectors.postgres.errors import classify_pg
+from connectors.postgres.lookup import RowLookup
 from connectors.postgres.pgoutput import (
     UNCHANGED,
     Begin,
@@ -107,6 +109,7 @@ class PostgresSource:
         self._plans: dict[int, tuple[Relation, _Plan | None]] = {}
         self._keys: dict[str, tuple[str, ...]] = {}
         self._unconsumed: list[tuple[int, datetime]] = []
+        self._lookup = RowLookup(connect, self.tables)
 
     # -- Source protocol -------------------------------------------------------------------
 
@@ -189,9 +192,14 @@ class PostgresSource:
         """Return the commit time of the oldest transaction seen but not yet committed, if any."""
         return min((ts for _, ts in self._unconsumed), default=None)
 
+    def fetch(self, object_name: str, ids: Sequence[str]) -> dict[str, dict[str, Any] | None]:
+        """Return the current rows of table ``object_name`` with these keys (None: no such row)."""
+        return self._lookup.fetch(object_name, ids)
+
     def close(self) -> None:
-        """Close the peek (if open) and the connection."""
+        """Close the peek (if open), the connection and the lookup session."""
         self._close_poll()
+        self._lookup.close()
         if self._conn is not None and not self._conn.closed:
             self._conn.close()
         self._conn = None
