@@ -16,8 +16,10 @@ import hashlib
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -205,67 +207,15 @@ class ReconcileReport:
         return self.drifted_records == 0 and not any(self.missing_by_system.values())
 
     def as_dict(self, *, values: bool = True) -> dict[str, Any]:
-        """The report as JSON-ready data; ``values=False`` leaves field values out."""
-        drifts = []
-        for d in self.drifts:
-            item: dict[str, Any] = {
-                "canonical_id": d.canonical_id,
-                "field": d.field,
-                "owner": d.owner,
-                "members": dict(d.members),
-                "present": d.present,
-                "winner": d.winner,
-                "targets": list(d.targets),
-                "status": d.status,
-            }
-            if values:
-                item["values"] = dict(d.values)
-            drifts.append(item)
-        return {
-            "entity": self.entity,
-            "run_id": self.run_id,
-            "repair": self.repair,
-            "started_at": self.started_at.isoformat(),
-            "finished_at": self.finished_at.isoformat(),
-            "systems": list(self.systems),
-            "skipped_systems": dict(self.skipped_systems),
-            "records": self.records,
-            "compared": self.compared,
-            "in_step": self.in_step,
-            "drifted_records": self.drifted_records,
-            "single_system": self.single_system,
-            "by_field": [
-                {
-                    "field": c.field,
-                    "owner": c.owner,
-                    "drifted": c.drifted,
-                    "repaired": c.repaired,
-                    "in_flight": c.in_flight,
-                }
-                for c in self.by_field
-            ],  # fmt: skip
-            "missing_by_system": dict(self.missing_by_system),
-            "unreadable_count": self.unreadable_count,
-            "ops_queued": self.ops_queued,
-            "exceptions_opened": self.exceptions_opened,
-            "drifts": drifts,
-            "missing": [
-                {
-                    "canonical_id": m.canonical_id,
-                    "system": m.system,
-                    "object": m.object_name,
-                    "external_id": m.external_id,
-                    "present_in": list(m.present_in),
-                    "exception_id": m.exception_id,
-                }
-                for m in self.missing
-            ],  # fmt: skip
-            "unreadable": [
-                {"canonical_id": u.canonical_id, "system": u.system, "field": u.field, "reason": u.reason}
-                for u in self.unreadable
-            ],
-            "truncated": self.truncated,
-        }
+        """The report as JSON-ready data, with ``ok``; ``values=False`` leaves field values out."""
+        out = asdict(self)
+        out["ok"] = self.ok
+        out["started_at"], out["finished_at"] = self.started_at.isoformat(), self.finished_at.isoformat()
+        for item, d in zip(out["drifts"], self.drifts, strict=True):
+            item["present"] = d.present
+            if not values:
+                del item["values"]
+        return out
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -345,41 +295,15 @@ def reconcile(
     report = run.report(started, clock(), skipped)
     _log_report(report, round((time.monotonic() - t0) * 1000))
     if repair and report.ops_queued:
-        audit.record(
-            st,
-            "reconcile_repair_run",
-            actor=actor,
-            entity=entity,
-            detail={
-                "run": report.run_id,
-                "ops": report.ops_queued,
-                "drifted_records": report.drifted_records,
-            },
-        )
+        detail = {"run": report.run_id, "ops": report.ops_queued, "drifted_records": report.drifted_records}
+        audit.record(st, "reconcile_repair_run", actor=actor, entity=entity, detail=detail)
     return report
 
 
 def _trace_for(entity: str, canonical_id: str, system: str, external_id: str) -> str:
     """A stable trace id per missing record, so a nightly re-run finds its open exception item."""
-    return hashlib.sha256(f"reconcile:{entity}:{canonical_id}:{system}:{external_id}".encode()).hexdigest()[
-        :16
-    ]
-
-
-@dataclass
-class _Counts:
-    """Exact counters of one run (details are capped, these are not)."""
-
-    records: int = 0
-    compared: int = 0
-    in_step: int = 0
-    drifted_records: int = 0
-    single_system: int = 0
-    unreadable: int = 0
-    ops: int = 0
-    exceptions: int = 0
-    fields: dict[str, list[int]] = field(default_factory=dict)  # field -> [drifted, repaired, in_flight]
-    missing: dict[str, int] = field(default_factory=dict)
+    text = f"reconcile:{entity}:{canonical_id}:{system}:{external_id}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class _Run:
@@ -399,7 +323,9 @@ class _Run:
         self.repair, self.open_exceptions, self.actor = repair, open_exceptions, actor
         self.mapper = EntityMapper(entity)
         self.run_id = uuid.uuid4().hex[:12]
-        self.n = _Counts()
+        self.n: Counter[str] = Counter()  # exact counts (the detail lists are capped)
+        self.fields: dict[str, list[int]] = {}  # field -> [drifted, repaired, in_flight]
+        self.missing_by_system: Counter[str] = Counter()
         self.drifts: list[Drift] = []
         self.missing: list[Missing] = []
         self.unreadable: list[Unreadable] = []
@@ -415,7 +341,7 @@ class _Run:
                 fetched[system] = lookup.fetch(self.entity.systems[system].object, ids)
         found: list[tuple[str, Mapping[str, str], list[FieldDiff], list[str]]] = []
         for cid, members in items:
-            self.n.records += 1
+            self.n["records"] += 1
             values: dict[str, dict[str, Any]] = {}
             gone: list[str] = []
             for system, eid in members.items():
@@ -428,41 +354,34 @@ class _Run:
                     values[system] = self._canonical(cid, system, eid, native)
             if len(values) < 2:
                 if not gone:
-                    self.n.single_system += 1
+                    self.n["single_system"] += 1
                 diffs: list[FieldDiff] = []
             else:
-                self.n.compared += 1
+                self.n["compared"] += 1
                 diffs = compare(self.entity, values)
                 if diffs:
-                    self.n.drifted_records += 1
+                    self.n["drifted_records"] += 1
                 else:
-                    self.n.in_step += 1
+                    self.n["in_step"] += 1
             if diffs or gone:
                 found.append((cid, members, diffs, gone))
         if not found:
             return
         writes = self.repair or (self.open_exceptions and any(g for *_, g in found))
-        if writes:
-            with self.st.write_txn():
-                for cid, members, diffs, gone in found:
-                    self._record(cid, members, diffs, gone, fetched_at)
-        else:
+        with self.st.write_txn() if writes else nullcontext():
             for cid, members, diffs, gone in found:
                 self._record(cid, members, diffs, gone, fetched_at)
 
     def _canonical(self, cid: str, system: str, eid: str, native: Mapping[str, Any]) -> dict[str, Any]:
         # Column by column, so one unmappable value hides only its own field.
         record = f"{system}:{self.entity.systems[system].object}:{eid}"
+        to_canonical = self.mapper.to_canonical
         out: dict[str, Any] = {}
         for column in self.mapper.columns(system):
             if column not in native:
                 continue
             try:
-                out.update(
-                    self.mapper.to_canonical(
-                        system, {column: native[column]}, record=record, refs=self._ref_in
-                    )
-                )
+                out.update(to_canonical(system, {column: native[column]}, record=record, refs=self._ref_in))
             except DataError as exc:
                 self._unreadable(cid, system, exc.field, exc.reason)
         return out
@@ -471,7 +390,7 @@ class _Run:
         return xref.lookup(self.st, ref_entity, system, str(value))
 
     def _unreadable(self, cid: str, system: str, fname: str | None, reason: str) -> None:
-        self.n.unreadable += 1
+        self.n["unreadable"] += 1
         self._keep(self.unreadable, Unreadable(cid, system, fname, reason))
 
     def _keep(self, items: list[Any], item: Any) -> None:
@@ -491,7 +410,7 @@ class _Run:
         statuses = self._repair(cid, members, diffs, fetched_at) if self.repair else {}
         for d in diffs:
             status = statuses.get(d.field, "reported" if d.winner else "no_winner")
-            counts = self.n.fields.setdefault(d.field, [0, 0, 0])
+            counts = self.fields.setdefault(d.field, [0, 0, 0])
             counts[0] += 1
             counts[1] += status == "repaired"
             counts[2] += status == "in_flight"
@@ -501,7 +420,7 @@ class _Run:
             )
         present = tuple(s for s in members if s in self.lookups and s not in gone)
         for system in gone:
-            self.n.missing[system] = self.n.missing.get(system, 0) + 1
+            self.missing_by_system[system] += 1
             item_id = (
                 self._open_missing(cid, system, members[system], present) if self.open_exceptions else None
             )
@@ -530,28 +449,23 @@ class _Run:
             statuses[d.field] = "repaired"
             for target in d.targets:
                 per_target.setdefault(target, {})[d.field] = d.values[d.winner]
+        winners = {d.field: str(d.winner) for d in diffs if d.winner is not None}
+        wanted = {f for canon in per_target.values() for f in canon}
         by_winner: dict[str, dict[str, Any]] = {}
-        winners = {d.field: d.winner for d in diffs if d.winner is not None}
-        written: set[str] = set()
         for target, canon in per_target.items():
             native: dict[str, Any] = {}
+            refs, record = self._ref_out(target), f"{name}:{cid}"
             for fname, value in list(canon.items()):
                 try:
-                    native.update(
-                        self.mapper.to_native(
-                            target, {fname: value}, record=f"{name}:{cid}", refs=self._ref_out(target)
-                        )
-                    )
+                    native.update(self.mapper.to_native(target, {fname: value}, record=record, refs=refs))
                 except DataError as exc:
                     del canon[fname]
                     self._unreadable(cid, target, exc.field, exc.reason)
-            if not canon:
-                continue
-            self._enqueue(cid, target, members[target], native, canon)
+            if canon:
+                self._enqueue(cid, target, members[target], native, canon)
             for fname, value in canon.items():
-                written.add(fname)
-                by_winner.setdefault(str(winners[fname]), {})[fname] = value
-        for fname in {f for canon in per_target.values() for f in canon} - written:
+                by_winner.setdefault(winners[fname], {})[fname] = value
+        for fname in wanted - {f for canon in by_winner.values() for f in canon}:
             statuses[fname] = "unrepairable"
         for winner, canon in by_winner.items():
             # The winner's value was read just now: the shadow must know it, or a later
@@ -582,7 +496,7 @@ class _Run:
             trace_id=trace,
             canonical=dict(canon),
         )
-        self.n.ops += outbox.enqueue(self.st, [op])
+        self.n["ops"] += outbox.enqueue(self.st, [op])
         for fname in canon:
             rule = self.entity.fields[fname]
             audit.record(
@@ -598,7 +512,7 @@ class _Run:
 
     def _open_missing(self, cid: str, system: str, eid: str, present: tuple[str, ...]) -> int:
         name, obj = self.entity.name, self.entity.systems[system].object
-        self.n.exceptions += 1
+        self.n["exceptions"] += 1
         return exceptions.open_item(
             self.st,
             kind=EXCEPTION_KIND,
@@ -626,19 +540,19 @@ class _Run:
             finished_at=finished,
             systems=tuple(self.lookups),
             skipped_systems=dict(skipped),
-            records=n.records,
-            compared=n.compared,
-            in_step=n.in_step,
-            drifted_records=n.drifted_records,
-            single_system=n.single_system,
+            records=n["records"],
+            compared=n["compared"],
+            in_step=n["in_step"],
+            drifted_records=n["drifted_records"],
+            single_system=n["single_system"],
             by_field=tuple(
                 FieldCount(f, self.entity.fields[f].owner, c[0], c[1], c[2])
-                for f, c in sorted(n.fields.items())
+                for f, c in sorted(self.fields.items())
             ),
-            missing_by_system=dict(n.missing),
-            unreadable_count=n.unreadable,
-            ops_queued=n.ops,
-            exceptions_opened=n.exceptions,
+            missing_by_system=dict(self.missing_by_system),
+            unreadable_count=n["unreadable"],
+            ops_queued=n["ops"],
+            exceptions_opened=n["exceptions"],
             drifts=tuple(self.drifts),
             missing=tuple(self.missing),
             unreadable=tuple(self.unreadable),
@@ -647,39 +561,20 @@ class _Run:
 
 
 def _log_report(r: ReconcileReport, ms: int) -> None:
-    level = logging.INFO if r.ok else logging.WARNING
+    warn = logging.WARNING
     for c in r.by_field:
         log_event(
-            logger,
-            "reconcile_drift",
-            entity=r.entity,
-            run=r.run_id,
-            field=c.field,
-            owner=c.owner,
-            records=c.drifted,
-            repaired=c.repaired,
-            in_flight=c.in_flight,
-            level=logging.WARNING,
-        )
+            logger, "reconcile_drift", entity=r.entity, run=r.run_id, field=c.field, owner=c.owner,
+            records=c.drifted, repaired=c.repaired, in_flight=c.in_flight, level=warn,
+        )  # fmt: skip
     for system, count in sorted(r.missing_by_system.items()):
         log_event(
             logger, "reconcile_missing", entity=r.entity, run=r.run_id, system=system, records=count,
-            level=logging.WARNING,
+            level=warn,
         )  # fmt: skip
     log_event(
-        logger,
-        "reconcile_done",
-        entity=r.entity,
-        run=r.run_id,
-        repair=r.repair,
-        records=r.records,
-        compared=r.compared,
-        in_step=r.in_step,
-        drifted=r.drifted_records,
-        missing=sum(r.missing_by_system.values()),
-        unreadable=r.unreadable_count,
-        ops=r.ops_queued,
-        skipped=",".join(r.skipped_systems) or None,
-        ms=ms,
-        level=level,
-    )
+        logger, "reconcile_done", entity=r.entity, run=r.run_id, repair=r.repair, records=r.records,
+        compared=r.compared, in_step=r.in_step, drifted=r.drifted_records,
+        missing=sum(r.missing_by_system.values()), unreadable=r.unreadable_count, ops=r.ops_queued,
+        skipped=",".join(r.skipped_systems) or None, ms=ms, level=logging.INFO if r.ok else warn,
+    )  # fmt: skip
