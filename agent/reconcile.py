@@ -407,9 +407,9 @@ class _Run:
         gone: Sequence[str],
         fetched_at: datetime,
     ) -> None:
-        statuses = self._repair(cid, members, diffs, fetched_at) if self.repair else {}
+        statuses = self._settle(cid, members, diffs, fetched_at) if diffs else {}
         for d in diffs:
-            status = statuses.get(d.field, "reported" if d.winner else "no_winner")
+            status = statuses[d.field]
             counts = self.fields.setdefault(d.field, [0, 0, 0])
             counts[0] += 1
             counts[1] += status == "repaired"
@@ -427,10 +427,10 @@ class _Run:
             obj = self.entity.systems[system].object
             self._keep(self.missing, Missing(cid, system, obj, members[system], present, item_id))
 
-    def _repair(
+    def _settle(
         self, cid: str, members: Mapping[str, str], diffs: Sequence[FieldDiff], fetched_at: datetime
     ) -> dict[str, str]:
-        """Queue the winners' values for the targets; return a status per field."""
+        """Tell in-flight drift apart and, when repairing, queue the winners' values; status per field."""
         name = self.entity.name
         pending = {f for op in outbox.pending_for(self.st, name, cid) for f in op.canonical}
         latest = shadow.get(self.st, name, cid)
@@ -445,6 +445,9 @@ class _Run:
                 # A queued op, or a change the agent saw after our read, will write this field:
                 # pushing what we read could overtake it with an older value.
                 statuses[d.field] = "in_flight"
+                continue
+            if not self.repair:
+                statuses[d.field] = "reported"
                 continue
             statuses[d.field] = "repaired"
             for target in d.targets:

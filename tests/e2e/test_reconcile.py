@@ -10,8 +10,9 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -190,8 +191,37 @@ def test_reconcile_repair_queues_nothing_again_while_its_ops_are_in_flight(env: 
     second = env.reconcile(repair=True)
     assert first.ops_queued == 1 and second.ops_queued == 0
     assert [(d.field, d.status) for d in second.drifts] == [("name", "in_flight")]
+    assert [(d.field, d.status) for d in env.reconcile().drifts] == [("name", "in_flight")]
     with env.agent(readonly=True) as (_rt, st):
         assert outbox.depth(st)["erp"].pending == 1
+
+
+class _ChangesWhileRead:
+    """A connector that, right after answering a read, lets the ERP change and the agent sync it."""
+
+    def __init__(self, inner: Any, env: Env) -> None:
+        self.inner, self.env = inner, env
+
+    def fetch(self, object_name: str, ids: Sequence[str]) -> dict[str, dict[str, Any] | None]:
+        got: dict[str, dict[str, Any] | None] = self.inner.fetch(object_name, ids)
+        self.env.sql("UPDATE erp.customers SET credit_limit = 3000")
+        self.env.cycle()
+        return got
+
+
+def test_reconcile_repair_leaves_a_field_alone_when_the_agent_synced_it_after_the_read(env: Env) -> None:
+    sid = _synced_customer(env)
+    env.sql_unseen("UPDATE erp.customers SET credit_limit = 2500.00")
+    with env.agent() as (rt, st):
+        racing = replace(rt, sources={**rt.sources, "crm": _ChangesWhileRead(rt.sources["crm"], env)})
+        report = reconcile(racing, st, "customer", repair=True)
+    assert [(d.field, d.values["erp"], d.status) for d in report.drifts] == [
+        ("credit_limit", "2500", "in_flight")
+    ]
+    assert report.ops_queued == 0
+    env.cycle()
+    assert env.account(sid)["Credit_Limit__c"] == Decimal("3000"), "the older value read overtook the newer"
+    assert env.reconcile().ok
 
 
 def test_reconcile_reports_the_drift_the_erp_default_leaves_on_a_contract_created_from_salesforce(
