@@ -213,7 +213,8 @@ def test_reconcile_repair_leaves_a_field_alone_when_the_agent_synced_it_after_th
     sid = _synced_customer(env)
     env.sql_unseen("UPDATE erp.customers SET credit_limit = 2500.00")
     with env.agent() as (rt, st):
-        racing = replace(rt, sources={**rt.sources, "crm": _ChangesWhileRead(rt.sources["crm"], env)})
+        sources: dict[str, Any] = {**rt.sources, "crm": _ChangesWhileRead(rt.sources["crm"], env)}
+        racing = replace(rt, sources=sources)
         report = reconcile(racing, st, "customer", repair=True)
     assert [(d.field, d.values["erp"], d.status) for d in report.drifts] == [
         ("credit_limit", "2500", "in_flight")
