@@ -53,7 +53,6 @@ _VERSION = re.compile(r"v\d+\.\d+\Z")
 _DAY = timedelta(days=1)
 _LOOKUP_CHUNK = 100
 _FETCH_CHUNK = 200  # Ids per SOQL query: keeps the GET URL far below Salesforce's 16k limit
-_FETCH_CHUNK = 200  # Ids per SOQL query: keeps the GET URL far below Salesforce's 16k limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,30 +286,6 @@ class SalesforceConnector:
                         "MULTIPLE_MATCHES", f"{len(matches)} {object_name} records share the key", field
                     )
         return ids
-
-    # --- Lookup (reconciliation) -------------------------------------------------------
-    def fetch(self, object_name: str, ids: Sequence[str]) -> dict[str, dict[str, Any] | None]:
-        """Return the current records of ``object_name`` by Id; ``None`` where deleted or never there.
-
-        One ``SELECT ... WHERE Id IN (...)`` query per 200 Ids (``query``, not ``queryAll``:
-        a record in the Recycle Bin counts as gone). A 15-character Id finds its 18-character form.
-        """
-        obj = self._object(object_name)
-        out: dict[str, dict[str, Any] | None] = dict.fromkeys(ids)
-        short = {i[:15]: i for i in out if len(i) == 15}
-        wanted = list(out)
-        for start in range(0, len(wanted), _FETCH_CHUNK):
-            chunk = wanted[start : start + _FETCH_CHUNK]
-            soql = (
-                f"SELECT {', '.join(obj.select_list())} FROM {obj.name} "
-                f"WHERE Id IN ({', '.join(soql_quote(i) for i in chunk)})"
-            )
-            for record in self._query_records(soql):
-                rid = str(record.get("Id"))
-                key = rid if rid in out else short.get(rid[:15])
-                if key is not None:
-                    out[key] = {k: v for k, v in record.items() if k != "attributes"}
-        return out
 
     # --- Lookup (reconciliation) -------------------------------------------------------
     def fetch(self, object_name: str, ids: Sequence[str]) -> dict[str, dict[str, Any] | None]:
