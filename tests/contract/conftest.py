@@ -364,6 +364,7 @@ class _Dynamics(_Emulated):
 class _NetSuite(_Emulated):
     kind, object_name, pk, ext, name_field = "netsuite", "customer", "id", "externalid", "companyname"
     page, walk = 10, 35  # config page_size 10 and query_cap 30, the emulator's cap 30 too
+    settle_step = timedelta(seconds=3)  # past any safety lag a poller should keep
 
     def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("NS_CLIENT_ID", "syncagent-client")

@@ -47,6 +47,33 @@ def test_source_reads_only_what_changed_after_the_cursor_when_polled_again(syste
     assert renamed[0].fields[system.name_field] == "Renamed"
 
 
+def test_source_names_each_change_after_the_configured_object_when_read(system: System) -> None:
+    """A change carries the object the config maps (resolve finds its entity by it) and its stream."""
+    system.create(2)
+    system.settle()
+    changes, _ = system.drain()
+    assert len(changes) == 2
+    assert {c.object_name for c in changes} == {system.object_name}
+    assert {c.stream for c in changes} <= set(system.streams)
+    assert {c.source for c in changes} == {system.source.name}
+
+
+def test_source_keeps_the_latest_change_when_a_record_changes_again_in_the_tick_it_was_read(
+    system: System,
+) -> None:
+    """A record read and changed again before the server clock ticks on is not lost to the dedup key."""
+    (rid,) = system.create(1)
+    first, cursors = system.drain()
+    system.update(rid)
+    system.settle()
+    again, _ = system.drain(cursors)
+    journal: dict[str, Change] = {}
+    for change in [*first, *again]:
+        journal.setdefault(change.position, change)  # the journal's unique key keeps the first
+    kept = [c for c in journal.values() if system.record_id(c) == rid]
+    assert kept and kept[-1].fields[system.name_field] == "Renamed", "the second change was dropped"
+
+
 def test_source_reads_each_tied_record_once_when_a_tie_spans_pages(system: System) -> None:
     """Records sharing one modification time, more than a page of them, come exactly once."""
     ids = system.create(system.walk, tie=True)
