@@ -24,7 +24,7 @@ from agent.config import Config
 from agent.errors import ConfigError, SyncAgentError, exit_code_for
 from agent.logging import setup as setup_logging
 from agent.model import utcnow
-from agent.render import emit_json, json_default, render_status, table
+from agent.render import emit_json, json_default, render_reconcile, render_status, table
 
 DEFAULT_CONFIG = "/etc/syncagent/config.toml"
 
@@ -534,6 +534,40 @@ def xref_lookup(c: Ctx, entity: str, system: str, external_id: str, as_json: boo
         return
     click.echo(f"{entity} {found['canonical_id']}")
     table([[s, i] for s, i in found["members"].items()], ["system", "id"])
+
+
+@cli.command(name="reconcile")
+@click.argument("entity")
+@click.option(
+    "--repair", is_flag=True, help="Queue ops pushing each owner's value; open items for missing records."
+)
+@click.option(
+    "--page-size", type=click.IntRange(1, 10_000), default=500, show_default=True, help="Records per page."
+)
+@command()
+@click.pass_obj
+def reconcile_cmd(c: Ctx, entity: str, repair: bool, page_size: int, as_json: bool) -> None:
+    """Compare ENTITY's linked records field by field across systems (read-only unless --repair)."""
+    from agent.reconcile import reconcile
+
+    bar = None
+    if sys.stderr.isatty() and not as_json:
+
+        def bar(done: int, total: int) -> None:
+            filled = 30 * done // max(total, 1)
+            click.echo(f"\r[{'#' * filled:<30}] {done:,}/{total:,}", err=True, nl=False)
+
+    with _runtime(c) as rt, _state(c, readonly=not repair) as st:
+        report = reconcile(
+            rt, st, entity, repair=repair, page_size=page_size, progress=bar, actor=ops.operator()
+        )
+    if bar is not None:
+        click.echo("", err=True)
+    if as_json:
+        emit_json({"ok": report.ok, "report": report.as_dict()})
+    else:
+        render_reconcile(report, repair=repair)
+    sys.exit(0 if report.ok or repair else 1)
 
 
 SANDBOXES = ("salesforce", "hubspot", "dynamics", "netsuite")

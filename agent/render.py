@@ -110,3 +110,21 @@ def _bytes(n: int | None) -> str:
             return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
         n = n / 1024  # type: ignore[assignment]
     return str(n)
+
+
+def render_reconcile(report: Any, *, repair: bool) -> None:
+    """Print a reconciliation report: drift by field and owner, records missing per system."""
+    verdict = "IN STEP" if report.ok else "DRIFT"
+    click.echo(
+        f"{verdict}: {report.compared} of {report.records} linked records compared, "
+        f"{report.drifted_records} drifted"
+    )
+    if report.by_field:
+        table(
+            [[f.field, f.owner, f.drifted, f.repaired, f.in_flight] for f in report.by_field],
+            ["field", "owner", "drifted", "repaired", "in flight"],
+        )
+    for system, n in report.missing_by_system.items():
+        click.echo(f"missing in {system}: {n} (hard deletes the API never reported; see `exceptions list`)")
+    if not repair and not report.ok:
+        click.echo("read-only: add --repair to push each owner's value")

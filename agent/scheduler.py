@@ -20,6 +20,7 @@ from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.triggers.cron import CronTrigger
 
 from agent import pipeline
 from agent.daemon import Runtime
@@ -27,6 +28,7 @@ from agent.errors import PermanentError, RetryableError, SyncAgentError
 from agent.logging import log_event
 from agent.model import utcnow
 from agent.notify import Notifier, watchdog_interval
+from agent.reconcile import reconcile
 from state import checkpoints, health, journal, open_state, outbox
 from state.db import State
 
@@ -177,6 +179,12 @@ class AgentRunner:
         """Re-resolve parked exception items whose cause may have gone."""
         return pipeline.retry_parked(self.state(), self.rt.resolver)
 
+    def reconcile_all(self) -> None:
+        """The nightly reconciliation: report drift, queue missing records (never repairs unasked)."""
+        for name, entity in self.rt.config.entities.items():
+            if len(entity.systems) > 1 and not self._stop.is_set():
+                reconcile(self.rt, self.state(), name, repair=False, open_exceptions=True)
+
     def prune(self) -> None:
         """Drop journal, history and outbox rows past retention (never unresolved ones)."""
         st = self.state()
@@ -312,6 +320,11 @@ class AgentRunner:
             self._job("retry_parked", "resolver", self.retry_parked), "interval", minutes=5, id="retry_parked"
         )
         sched.add_job(self._job("prune", "state", self.prune), "interval", hours=1, id="prune")
+        sched.add_job(
+            self._job("reconcile", "reconcile", self.reconcile_all),
+            CronTrigger.from_crontab(cfg.agent.reconcile_cron),
+            id="reconcile",
+        )
         interval = watchdog_interval()
         if interval:
             sched.add_job(

@@ -330,3 +330,23 @@ def test_postgres_fetch_returns_rows_as_capture_converts_them_and_applies_the_ro
     finally:
         lookup.close()
     assert filtered["1"] is not None and filtered["2"] is None
+
+
+def test_reconcile_cli_reports_drift_as_json_and_exits_1_until_repaired(env: Env) -> None:
+    """`syncagent reconcile customer` is read-only and exits 1 on drift; --repair queues the fix."""
+    _synced_customer(env)
+
+    def run(*args: str) -> tuple[int, dict[str, Any]]:
+        res = CliRunner().invoke(cli, ["-c", str(env.cfg), "reconcile", "customer", "--json", *args])
+        return res.exit_code, json.loads(res.stdout)
+
+    code, body = run()
+    assert code == 0 and body["ok"] is True
+    env.sql_unseen("UPDATE erp.customers SET credit_limit = 2500.00")
+    code, body = run()
+    assert code == 1 and body["ok"] is False
+    assert [f["field"] for f in body["report"]["by_field"]] == ["credit_limit"]
+    code, body = run("--repair")
+    assert code == 0
+    env.cycle()
+    assert run()[0] == 0
