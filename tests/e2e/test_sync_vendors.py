@@ -42,6 +42,7 @@ class Env:
     dsn: str | None = None
 
     def cli(self, *args: str) -> tuple[int, str]:
+        """Run one ``syncagent`` command in process; its exit code and stdout."""
         res = CliRunner().invoke(cli, ["-c", str(self.cfg), *args], catch_exceptions=False)
         return res.exit_code, res.stdout
 
@@ -57,12 +58,14 @@ class Env:
         return out
 
     def sql(self, query: str, *args: object) -> list[tuple[Any, ...]]:
+        """Run SQL on the ERP database; the rows, if any."""
         assert self.dsn is not None
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             cur = conn.execute(query, args or None)  # type: ignore[arg-type]
             return cur.fetchall() if cur.description else []
 
     def xref(self, entity: str, system: str, external_id: str) -> dict[str, str]:
+        """The cross-reference members of one record, through ``syncagent xref lookup``."""
         code, out = self.cli("xref", "lookup", entity, system, external_id, "--json")
         assert code == 0, out
         members: dict[str, str] = json.loads(out)["members"]
@@ -253,6 +256,7 @@ class HubSpotEnv(Env):
     hs: HubSpotEmulator = field(default_factory=HubSpotEmulator)
 
     def writes(self) -> int:
+        """Write requests HubSpot answered."""
         return writes(self.hs, hubspot_write)
 
     def props(self, obj: str, record_id: str) -> dict[str, str]:
@@ -271,6 +275,7 @@ class DynamicsEnv(Env):
     dv: DynamicsEmulator = field(default_factory=DynamicsEmulator)
 
     def writes(self) -> int:
+        """Write requests Dataverse answered."""
         return writes(self.dv, dynamics_write)
 
 
@@ -282,11 +287,13 @@ class NetSuiteEnv(Env):
     sf: SalesforceEmulator = field(default_factory=SalesforceEmulator)
 
     def writes(self) -> tuple[int, int]:
+        """Write requests answered by (NetSuite, Salesforce)."""
         return writes(self.ns, netsuite_write), writes(self.sf, salesforce_write)
 
 
 @pytest.fixture
 def hubspot(pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubSpotEnv]:
+    """The demo ERP schema, the HubSpot emulator (private-app token) and ``syncagent init`` done."""
     monkeypatch.setenv("HS_TOKEN", "pat-na1-emulator")
     load_erp(pg_dsn)
     hs = HubSpotEmulator(search_rate_per_s=1000, burst_limit=10_000)
@@ -301,6 +308,7 @@ def hubspot(pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
 
 @pytest.fixture
 def dynamics(pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DynamicsEnv]:
+    """The demo ERP schema, the Dataverse emulator (Entra ID client credentials) and init done."""
     monkeypatch.setenv("DV_CLIENT_ID", "syncagent")
     monkeypatch.setenv("DV_CLIENT_SECRET", "s3cret")
     load_erp(pg_dsn)
@@ -313,6 +321,7 @@ def dynamics(pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> It
 
 @pytest.fixture
 def netsuite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NetSuiteEnv]:
+    """The NetSuite (M2M) and Salesforce (client credentials) emulators; no PostgreSQL."""
     monkeypatch.setenv("NS_CLIENT_ID", "syncagent-client")
     monkeypatch.setenv("NS_PRIVATE_KEY", "emulator-secret")
     monkeypatch.setenv("SF_CLIENT_ID", "syncagent")
@@ -333,6 +342,7 @@ def netsuite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NetSui
 def test_sync_hubspot_erp_customer_reaches_a_company_and_a_crm_rename_comes_back_without_echo(
     hubspot: HubSpotEnv,
 ) -> None:
+    """An ERP customer becomes a HubSpot company, linked both ways; a CRM rename reaches the ERP; no echo."""
     env = hubspot
     env.sql("INSERT INTO erp.customers (customer_no, name, phone) VALUES ('C-1', 'Acme', '+49 30 1')")
     env.cycle()
@@ -360,6 +370,7 @@ def test_sync_hubspot_erp_customer_reaches_a_company_and_a_crm_rename_comes_back
 def test_sync_hubspot_company_creates_an_erp_customer_and_an_erp_edit_goes_back_without_echo(
     hubspot: HubSpotEnv,
 ) -> None:
+    """A HubSpot company becomes an ERP customer, linked both ways; an ERP-owned edit reaches HubSpot once."""
     env = hubspot
     cid = env.hs.insert("companies", {"name": "Globex", "phone": "+33 1"})
     env.cycle(2)
@@ -381,6 +392,7 @@ def test_sync_hubspot_company_creates_an_erp_customer_and_an_erp_edit_goes_back_
 def test_sync_hubspot_deal_becomes_an_erp_contract_and_its_delivery_status_flows_back(
     hubspot: HubSpotEnv,
 ) -> None:
+    """A HubSpot deal becomes an ERP contract; the ERP's delivery status flows back to the deal; no echo."""
     env = hubspot
     did = env.hs.insert(
         "deals", {"dealname": "Acme rollout", "amount": "48000.50", "dealstage": "contractsent"}
@@ -402,6 +414,7 @@ def test_sync_hubspot_deal_becomes_an_erp_contract_and_its_delivery_status_flows
 def test_sync_hubspot_deal_reaches_the_erp_as_a_contract_of_its_associated_company(
     hubspot: HubSpotEnv,
 ) -> None:
+    """A deal associated with a company reaches the ERP as a contract of that company's customer."""
     env = hubspot
     # A deal's company is an association, which HubSpot changes carry as associated_company_id.
     field = 'customer = {owner = "crm", ref = "customer", erp = "customer_id", crm = "associated_company_id"}'
@@ -423,6 +436,7 @@ def test_sync_hubspot_deal_reaches_the_erp_as_a_contract_of_its_associated_compa
 def test_sync_dynamics_erp_customer_reaches_an_account_and_a_crm_rename_comes_back_without_echo(
     dynamics: DynamicsEnv,
 ) -> None:
+    """An ERP customer becomes a Dataverse account, linked both ways; a CRM rename reaches the ERP; no echo."""
     env = dynamics
     env.sql("INSERT INTO erp.customers (customer_no, name, phone) VALUES ('C-1', 'Acme', '+49 30 1')")
     env.cycle()
@@ -444,6 +458,7 @@ def test_sync_dynamics_erp_customer_reaches_an_account_and_a_crm_rename_comes_ba
 def test_sync_dynamics_account_creates_an_erp_customer_and_an_erp_edit_goes_back_without_echo(
     dynamics: DynamicsEnv,
 ) -> None:
+    """A Dataverse account becomes an ERP customer, linked both ways; an ERP-owned edit reaches it once."""
     env = dynamics
     aid = env.dv.insert("accounts", {"name": "Globex", "telephone1": "+33 1"})
     env.cycle(2)
@@ -467,6 +482,7 @@ def test_sync_dynamics_account_creates_an_erp_customer_and_an_erp_edit_goes_back
 def test_sync_netsuite_customer_reaches_salesforce_and_a_crm_rename_comes_back_without_echo(
     netsuite: NetSuiteEnv,
 ) -> None:
+    """A NetSuite customer becomes a Salesforce account, linked both ways; a CRM rename reaches NetSuite."""
     env = netsuite
     nid = env.ns.insert("customer", {"entityid": "C-1", "companyname": "Acme"})
     env.cycle()
@@ -487,6 +503,7 @@ def test_sync_netsuite_customer_reaches_salesforce_and_a_crm_rename_comes_back_w
 def test_sync_salesforce_account_creates_a_netsuite_customer_and_an_erp_edit_goes_back_without_echo(
     netsuite: NetSuiteEnv,
 ) -> None:
+    """A Salesforce account becomes a NetSuite customer, linked both ways; an ERP edit reaches it once."""
     env = netsuite
     sid = env.sf.insert("Account", {"Name": "Globex", "AccountNumber": "C-9"})
     env.cycle(2)
