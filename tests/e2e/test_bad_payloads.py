@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from agent.cli import cli
 from connectors.emulator import EmulatorServer, EmuRequest, EmuResponse
 from connectors.salesforce.emulator import SalesforceEmulator
-from tests.erp import add_sf_fields, load_erp, sync_config
+from tests.erp import add_sf_fields, dsn_parts, load_erp, sync_config
 
 pytestmark = [pytest.mark.pg, pytest.mark.e2e]
 
@@ -139,10 +139,27 @@ def env(pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     load_erp(pg_dsn)
     sf = HookedSalesforce(page_size=2)
     add_sf_fields(sf)
-    with EmulatorServer(sf) as server:
-        e = Env(pg_dsn, sync_config(tmp_path, pg_dsn, server.url), sf)
-        assert e.cli("init").code == 0
-        yield e
+    try:
+        with EmulatorServer(sf) as server:
+            e = Env(pg_dsn, sync_config(tmp_path, pg_dsn, server.url), sf)
+            assert e.cli("init").code == 0
+            yield e
+    finally:
+        drop_replication_objects(pg_dsn)
+
+
+def drop_replication_objects(dsn: str) -> None:
+    """Drop the slot and origin ``init`` made (named after the database): the cluster has few."""
+    name = dsn_parts(dsn)["dbname"]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
+            (name,),
+        )
+        conn.execute(
+            "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = %s",
+            (name,),
+        )
 
 
 def test_payload_bad_values_are_parked_with_trace_and_field_while_good_records_flow(env: Env) -> None:

@@ -114,15 +114,28 @@ def canary(
     sf = SalesforceEmulator(clients={SF_CLIENT_ID: SF_CLIENT_SECRET})
     add_sf_fields(sf)
     role_dsn = pg_dsn.replace("user=postgres", f"user={canary_role}")
-    with EmulatorServer(sf) as server:
-        cfg = sync_config(tmp_path, role_dsn, server.url)
-        text = cfg.read_text().replace(
-            f'user = "{canary_role}"\n',
-            f'user = "{canary_role}"\npassword = {{credential = "erp_password"}}\n',
-        )
-        assert "erp_password" in text
-        cfg.write_text(text)
-        yield CanaryEnv(pg_dsn, canary_role, cfg, sf, tmp_path / "state" / "state.db")
+    try:
+        with EmulatorServer(sf) as server:
+            cfg = sync_config(tmp_path, role_dsn, server.url)
+            text = cfg.read_text().replace(
+                f'user = "{canary_role}"\n',
+                f'user = "{canary_role}"\npassword = {{credential = "erp_password"}}\n',
+            )
+            assert "erp_password" in text
+            cfg.write_text(text)
+            yield CanaryEnv(pg_dsn, canary_role, cfg, sf, tmp_path / "state" / "state.db")
+    finally:
+        # the cluster has room for few slots and origins: give back the ones init made
+        name = dsn_parts(pg_dsn)["dbname"]
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
+                (name,),
+            )
+            conn.execute(
+                "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = %s",
+                (name,),
+            )
 
 
 def _state_files(state_path: Path) -> dict[str, bytes]:
