@@ -570,6 +570,30 @@ def reconcile_cmd(c: Ctx, entity: str, repair: bool, page_size: int, as_json: bo
     sys.exit(0 if report.ok or repair else 1)
 
 
+@cli.command(name="workflows")
+@click.option("--workflow", "name", default=None, help="Only instances of this workflow.")
+@click.option("--status", type=click.Choice(["running", "parked", "failed", "completed"]), default=None)
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@command()
+@click.pass_obj
+def workflows_cmd(c: Ctx, name: str | None, status: str | None, limit: int, as_json: bool) -> None:
+    """List workflow instances: trigger, steps, outcome, trace id, latency from trigger to completion."""
+    from agent.workflows.report import instance_report, render_report
+
+    with _state(c, readonly=True) as st:
+        report = instance_report(st, workflow=name, status=status, limit=limit)
+    emit_json({"ok": True, **report.to_dict()}) if as_json else render_report(report)
+
+
+@cli.command()
+@click.option("--keep", is_flag=True, help="Leave everything running to explore it (Ctrl-C ends it).")
+def demo(keep: bool) -> None:
+    """Run the guided demo: a throwaway ERP and Salesforce emulator, the agent and its workflows."""
+    from agent.demo.run import run_demo
+
+    sys.exit(run_demo(keep=keep, echo=click.echo))
+
+
 SANDBOXES = ("salesforce", "hubspot", "dynamics", "netsuite")
 
 

@@ -193,7 +193,7 @@ class Config:
     metrics_listen: str | None
     systems: Mapping[str, SystemConfig]
     entities: Mapping[str, EntityConfig]
-    workflows: Mapping[str, Mapping[str, Any]]
+    workflows: Mapping[str, Mapping[str, Any]]  # [workflows.NAME], validated, defaults filled in
     digest: str
 
     def mappings_of(self, system: str) -> list[tuple[EntityConfig, SystemMapping]]:
@@ -262,7 +262,13 @@ def _build(raw: dict[str, Any], col: _Collector, env: Mapping[str, str], path: P
             if f.ref and f.ref not in entities:
                 col.add(f"entities.{ec.name}.fields.{f.name}.ref", f"unknown entity {f.ref!r}")
 
-    workflows = _table(raw.get("workflows", {}), "workflows", col)
+    # Imported here: the workflows' own modules import this one.
+    from agent.workflows.options import check as check_workflows
+
+    raw_workflows = _table(raw.get("workflows", {}), "workflows", col)
+    workflows, problems = check_workflows(raw_workflows, entities, systems)
+    for key, reason in problems:
+        col.add(key, reason)
     if col.issues:
         return None
     return Config(
@@ -271,7 +277,7 @@ def _build(raw: dict[str, Any], col: _Collector, env: Mapping[str, str], path: P
         metrics_listen=listen,
         systems=systems,
         entities=entities,
-        workflows={k: dict(v) for k, v in workflows.items() if isinstance(v, dict)},
+        workflows=workflows,
         digest=hashlib.sha256(repr(sorted(raw.items(), key=lambda kv: kv[0])).encode()).hexdigest()[:12],
     )
 

@@ -23,6 +23,7 @@ from agent.errors import ConfigError, ConfigIssue
 from agent.logging import log_event
 from agent.resolve import Resolver
 from agent.retry import RetryPolicy
+from agent.workflows import build_workflows
 from connectors.auth import BearerAuth, ClientCredentials, JwtBearer, hs256_signer, pem_signer
 from connectors.base import Sink, Source
 from connectors.http import make_client
@@ -115,7 +116,8 @@ def build_runtime(config: Config, *, transport: httpx.BaseTransport | None = Non
             origins.add(str(sc.options["origin"]))
     a = config.agent
     policy = RetryPolicy(a.retry_base_seconds, a.retry_cap_seconds, a.max_attempts)
-    return Runtime(config, sources, sinks, Resolver(config, own_origins=frozenset(origins)), policy, clients)
+    resolver = Resolver(config, own_origins=frozenset(origins), workflows=build_workflows(config))
+    return Runtime(config, sources, sinks, resolver, policy, clients)
 
 
 def pg_connect_factory(
@@ -389,7 +391,7 @@ def swap_config(runtime: Runtime, config: Config) -> list[str]:
             ]
         )
     origins = runtime.resolver.own_origins
-    runtime.resolver = Resolver(config, own_origins=origins)
+    runtime.resolver = Resolver(config, own_origins=origins, workflows=build_workflows(config))
     runtime.config = config
     a = config.agent
     runtime.policy = RetryPolicy(a.retry_base_seconds, a.retry_cap_seconds, a.max_attempts)

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 ChangeOp = Literal["insert", "update", "delete", "read", "truncate"]
-OpAction = Literal["upsert", "delete"]
+OpAction = Literal["upsert", "delete", "unit"]
 OutcomeStatus = Literal["applied", "retry", "reject"]
 Severity = Literal["error", "warning", "info"]
 
@@ -124,7 +124,9 @@ class Op:
     ``key`` holds the field(s) the sink upserts on (its primary key when the
     cross-reference knows the record, else its external-id field). ``idempotency_key``
     makes enqueueing the same op twice a no-op. ``canonical`` holds the canonical values
-    the op writes, recorded in the shadow once the target confirms them.
+    the op writes, recorded in the shadow once the target confirms them. A ``unit`` op
+    carries ``fields = {"steps": [...]}``: several upserts a sink applies all or nothing.
+    ``workflow`` names the workflow instance the op belongs to, if any.
     """
 
     idempotency_key: str
@@ -140,6 +142,7 @@ class Op:
     op_id: int | None = None
     attempts: int = 0
     canonical: Mapping[str, Any] = field(default_factory=dict)
+    workflow: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

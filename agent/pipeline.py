@@ -25,9 +25,11 @@ from agent.logging import log_event
 from agent.model import Batch, Cursor, JournalEntry, Op, Outcome, utcnow
 from agent.resolve import Decision, Resolver, SeenValue, writeback_ops
 from agent.retry import RetryPolicy, retry_after_of
+from agent.workflows import runner
 from connectors.base import Resync, Sink, Source
-from state import audit, checkpoints, exceptions, journal, outbox, shadow, xref
+from state import audit, checkpoints, exceptions, journal, outbox, shadow, workflows, xref
 from state.db import State
+from state.exceptions import ExceptionItem
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +212,7 @@ def resolve_pending(st: State, resolver: Resolver, *, limit: int = 5000) -> int:
         return 0
     started = time.monotonic()
     fates: dict[str, int] = {}
+    arrived: set[str] = set()
     with st.write_txn():
         view = StoreView(st)
         rows = []
@@ -218,6 +221,9 @@ def resolve_pending(st: State, resolver: Resolver, *, limit: int = 5000) -> int:
             apply_decision(st, entry, decision)
             rows.append((entry.seq, decision.fate, decision.detail))
             fates[decision.fate] = fates.get(decision.fate, 0) + 1
+            if decision.entity and decision.canonical_id:
+                arrived.add(f"{decision.entity}:{decision.canonical_id}")
+                arrived.update(f"{decision.entity}:{v}" for _f, v in decision.natural)
         journal.set_fate(st, rows)
         position = Cursor({"v": 1, "seq": entries[-1].seq})
         if (
@@ -233,7 +239,29 @@ def resolve_pending(st: State, resolver: Resolver, *, limit: int = 5000) -> int:
         ms=round((time.monotonic() - started) * 1000),
         **{f"fate_{k}": v for k, v in sorted(fates.items())},
     )
+    release_blocked(st, resolver, arrived)
     return len(entries)
+
+    def related(
+        self, entity: str, system: str, field: str, value: Any
+    ) -> Mapping[str, Mapping[str, SeenValue]]:
+        """Shadows in ``system`` of the ``entity`` records whose ``field`` equals ``value``."""
+        return {
+            cid: {k: SeenValue(v.value, v.source_ts) for k, v in fields.items()}
+            for cid, fields in workflows.related(self.st, entity, system, field, value).items()
+        }
+
+    def pending_values(self, entity: str, canonical_id: str, system: str) -> Mapping[str, Any]:
+        """The canonical values queued, undelivered ops will write to ``system`` (latest wins)."""
+        out: dict[str, Any] = {}
+        for op in outbox.pending_for(self.st, entity, canonical_id):
+            if op.target == system:
+                out.update(op.canonical)
+        return out
+
+    def workflow_status(self, instance_key: str) -> str | None:
+        """The status of a workflow instance, or None."""
+        return workflows.status_of(self.st, instance_key)
 
 
 def apply_decision(st: State, entry: JournalEntry, d: Decision) -> None:
@@ -250,7 +278,10 @@ def apply_decision(st: State, entry: JournalEntry, d: Decision) -> None:
             xref.note_natural(st, d.entity, fname, value, d.canonical_id)
     if d.ops:
         outbox.enqueue(st, d.ops)
+    runner.record_instances(st, entry, d)
     for p in d.problems:
+        if p.instance_key:
+            continue  # opened with its workflow instance
         exceptions.open_item(
             st,
             kind=p.kind,
@@ -292,21 +323,48 @@ def reresolve(st: State, resolver: Resolver, seq: int) -> Decision | None:
     if row is None:
         return None
     with st.write_txn():
-        decision = resolver.resolve(row.entry, StoreView(st))
+        view = StoreView(st)
+        if resolver.workflows is not None and runner.parked_at(st, seq):
+            # A parked workflow instance: re-run its workflows on the record as known now.
+            decision = resolver.workflows.reevaluate(resolver, row.entry, view)
+        else:
+            decision = resolver.resolve(row.entry, view)
         apply_decision(st, row.entry, decision)
         journal.set_fate(st, [(seq, decision.fate, decision.detail)])
     return decision
 
 
+_RETRY_KINDS = ("dependency", "validation")
+
+
 def retry_parked(
-    st: State, resolver: Resolver, *, kinds: tuple[str, ...] = ("dependency", "validation"), limit: int = 200
+    st: State, resolver: Resolver, *, kinds: tuple[str, ...] = _RETRY_KINDS, limit: int = 200
 ) -> int:
     """Re-resolve open exception items of ``kinds``; close those whose cause has gone."""
+    return _retry_items(st, resolver, exceptions.list_items(st, status="open", limit=limit), kinds)
+
+
+def release_blocked(st: State, resolver: Resolver, arrived: set[str]) -> int:
+    """Retry the parked items whose ``blocking_ref`` names a record that just arrived or changed.
+
+    ``arrived`` holds ``entity:canonical id`` and ``entity:natural key`` references, such
+    as ``tax_code:DE-VAT7`` once that tax code has been captured from the ERP.
+    """
+    if not arrived:
+        return 0
+    waiting = [i for i in exceptions.blocked_on(st, "") if i.blocking_ref in arrived]
+    return _retry_items(st, resolver, waiting, _RETRY_KINDS) if waiting else 0
+
+
+def _retry_items(st: State, resolver: Resolver, items: list[ExceptionItem], kinds: tuple[str, ...]) -> int:
     closed = 0
-    for item in exceptions.list_items(st, status="open", limit=limit):
+    outcomes: dict[int, Decision | None] = {}
+    for item in items:
         if item.kind not in kinds or item.journal_seq is None:
             continue
-        decision = reresolve(st, resolver, item.journal_seq)
+        if item.journal_seq not in outcomes:
+            outcomes[item.journal_seq] = reresolve(st, resolver, item.journal_seq)
+        decision = outcomes[item.journal_seq]
         if decision is not None and not any(p.reason == item.reason for p in decision.problems):
             exceptions.resolve(st, item.id, actor="agent", resolution=f"retried: {decision.fate}")
             closed += 1
@@ -352,10 +410,11 @@ def deliver(
     if len(outcomes) != len(ops):
         raise PermanentError(f"sink {sink.name} returned {len(outcomes)} outcomes for {len(ops)} ops")
     applied = retried = rejected = 0
+    arrived: set[str] = set()
     with st.write_txn():
         for op, out in zip(ops, outcomes, strict=True):
             if out.status == "applied":
-                _applied(st, resolver, op, out)
+                arrived.update(_applied(st, resolver, op, out))
                 applied += 1
             elif out.status == "retry" and not policy.exhausted(op.attempts + 1):
                 outbox.mark_retry(
@@ -377,6 +436,7 @@ def deliver(
         retried=retried,
         rejected=rejected,
     )
+    release_blocked(st, resolver, arrived)
     return DeliverResult(sink.name, applied, retried, rejected)
 
 
@@ -406,23 +466,29 @@ def _retry_all(st: State, ops: list[Op], exc: RetryableError, policy: RetryPolic
     )
 
 
-def _applied(st: State, resolver: Resolver, op: Op, out: Outcome) -> None:
+def _applied(st: State, resolver: Resolver, op: Op, out: Outcome) -> list[str]:
     outbox.mark_applied(st, _id(op), out.external_id or "", out.version)
-    if op.action == "upsert" and out.external_id:
+    arrived: list[str] = []
+    if op.action == "unit":
+        arrived = runner.applied_unit(st, resolver.config, op, out)
+    elif op.action == "upsert" and out.external_id:
         if xref.link(st, op.entity, op.canonical_id, op.target, out.external_id):
             members = xref.members(st, op.entity, op.canonical_id)
             outbox.enqueue(st, writeback_ops(resolver.config, op, out.external_id, members))
-    if op.canonical:
+    if op.canonical and op.action != "unit":
         shadow.put(
             st, op.entity, op.canonical_id, op.canonical, system=op.target, by_agent=True, source_ts=None
         )
     if op.source_seq is not None:
         journal.set_fate(st, [(op.source_seq, "applied", f"{op.target}:{out.external_id}")])
+    runner.step_done(st, op, out)
+    return arrived
 
 
 def _rejected(st: State, op: Op, out: Outcome) -> None:
     reason = out.reason or "rejected"
     outbox.mark_rejected(st, _id(op), reason)
+    runner.rejected(st, op, reason)
     exceptions.open_item(
         st,
         kind="rejected_by_target",

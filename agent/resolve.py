@@ -6,7 +6,8 @@ resolver's checkpoint. Per change: find the entity mapping, drop origin echoes, 
 mint the canonical id (cross-reference, the counterpart's id stored in the record, or a
 natural key), map to canonical fields, compare with the shadow of the source system (what
 the agent last saw there: API echoes compare equal), apply field ownership, and build
-upserts keyed so that a replay cannot create twice.
+upserts keyed so that a replay cannot create twice. Workflows (``agent.workflows``) then
+add their ops, problems and instances; a first copy a workflow claims is left to it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent import ownership
 from agent.config import Config, EntityConfig, SystemMapping
@@ -22,6 +23,9 @@ from agent.echo import changed_fields, is_origin_echo
 from agent.errors import DataError
 from agent.mapping import EntityMapper
 from agent.model import Change, JournalEntry, Op
+
+if TYPE_CHECKING:  # the workflows import this module; this one only names their types
+    from agent.workflows.base import WorkflowInstance, WorkflowResult, WorkflowSet
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,16 +63,31 @@ class StateView(Protocol):
         """Canonical fields that queued, undelivered ops will write to ``system``."""
         ...
 
+    def related(
+        self, entity: str, system: str, field: str, value: Any
+    ) -> Mapping[str, Mapping[str, SeenValue]]:
+        """Shadows in ``system`` of the records of ``entity`` whose ``field`` equals ``value``."""
+        ...
+
+    def pending_values(self, entity: str, canonical_id: str, system: str) -> Mapping[str, Any]:
+        """The canonical values queued, undelivered ops will write to ``system`` (latest wins)."""
+        ...
+
+    def workflow_status(self, instance_key: str) -> str | None:
+        """The status of a workflow instance (running, parked, failed, completed), or None."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class ProblemItem:
-    """An exception-queue item the decision opens."""
+    """An exception-queue item the decision opens (``instance_key``: a workflow instance it parks)."""
 
     kind: str
     reason: str
     detail: str
     field: str | None = None
     blocking_ref: str | None = None
+    instance_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,14 +112,20 @@ class Decision:
     ops: tuple[Op, ...] = ()
     problems: tuple[ProblemItem, ...] = ()
     audits: tuple[AuditItem, ...] = ()
+    instances: tuple[WorkflowInstance, ...] = ()
 
 
 class Resolver:
     """Turns journal entries into decisions under one configuration."""
 
-    def __init__(self, config: Config, *, own_origins: frozenset[str]) -> None:
+    def __init__(
+        self, config: Config, *, own_origins: frozenset[str], workflows: WorkflowSet | None = None
+    ) -> None:
         self.config = config
         self.own_origins = own_origins
+        self.workflows = workflows
+        # (entity, system) pairs whose first copy only a workflow creates (a deal in the ERP).
+        self.claims: frozenset[tuple[str, str]] = workflows.claims if workflows else frozenset()
         self._mappers = {name: EntityMapper(e) for name, e in config.entities.items()}
         self._by_object: dict[tuple[str, str], EntityConfig] = {}
         for e in config.entities.values():
@@ -193,11 +218,16 @@ class _Resolution:
             return self._delete(cid)
         seen_before = view.shadow(name, cid, c.source)
         changed = changed_fields(canonical, {k: v.value for k, v in seen_before.items()})
-        if not changed and not new:
+        flows = self._workflows(cid, canonical, changed, seen_before, new)
+        if not changed and not new and not flows:
             return Decision("noop", "in step", entity=name, canonical_id=cid, link=(c.source, self.rid))
         for target in self.entity.systems:
             if target != c.source:
                 self._for_target(target, cid, canonical, changed, seen_before)
+        for r in flows:
+            self.ops.extend(r.ops)
+            self.problems.extend(r.problems)
+            self.audits.extend(r.audits)
         fate = "queued" if self.ops else self._fate_without_ops()
         detail = f"{len(changed)} field(s) changed" if self.ops else None
         return Decision(
@@ -211,6 +241,37 @@ class _Resolution:
             ops=tuple(self.ops),
             problems=tuple(self.problems),
             audits=tuple(self.audits),
+            instances=tuple(r.instance for r in flows),
+        )
+
+    def _workflows(
+        self,
+        cid: str,
+        canonical: Mapping[str, Any],
+        changed: Mapping[str, Any],
+        seen_before: Mapping[str, SeenValue],
+        new: bool,
+    ) -> list[WorkflowResult]:
+        if self.r.workflows is None:
+            return []
+        ts = self.c.source_ts
+        record = {k: v.value for k, v in seen_before.items()}
+        for k, v in canonical.items():
+            seen = seen_before.get(k)
+            if seen is None or seen.source_ts is None or ts is None or ts >= seen.source_ts:
+                record[k] = v  # a change older than the shadow's value does not roll it back
+        previous = {k: seen_before[k].value for k in changed if k in seen_before}
+        return self.r.workflows.run(
+            self.r.config,
+            self.entity,
+            cid,
+            self.rid,
+            record,
+            changed,
+            previous,
+            self.entry,
+            self.view,
+            new=new,
         )
 
     def _fate_without_ops(self) -> str:
@@ -297,6 +358,8 @@ class _Resolution:
         name, c = self.entity.name, self.c
         tm = self.entity.systems[target]
         tid = self.view.external_id(name, cid, target)
+        if tid is None and (name, target) in self.r.claims:
+            return  # a workflow creates this record in the target (e.g. a won deal in the ERP)
         if tid is None:
             # A first copy in the target: ownership governs changes, not the first values.
             fields = self._create_fields(target, cid, canonical)

@@ -223,7 +223,98 @@ def m001_initial_tables(db: Database) -> None:
         db.execute(ddl)
 
 
-_STEPS = (m001_initial_tables,)
+# m002: workflows. The outbox is rebuilt (SQLite cannot alter a CHECK) to accept ``unit`` ops
+# and to say which workflow instance an op belongs to; its AUTOINCREMENT counter is carried
+# over, because exception items refer to op ids and a pruned id must never come back.
+_OUTBOX_COLUMNS = (
+    "op_id, idempotency_key, target, entity, canonical_id, object_name, action, key, fields,"
+    " canonical, trace_id, source_seq, status, attempts, next_attempt_at, last_error, created_at,"
+    " updated_at, external_id, version"
+)
+_WORKFLOW_DDL = (
+    """
+    CREATE TABLE outbox_m002 (
+        op_id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        idempotency_key TEXT NOT NULL UNIQUE,
+        target          TEXT NOT NULL,
+        entity          TEXT NOT NULL,
+        canonical_id    TEXT NOT NULL,
+        object_name     TEXT NOT NULL,
+        action          TEXT NOT NULL CHECK (action = 'upsert' OR action = 'delete' OR action = 'unit'),
+        key             TEXT NOT NULL,
+        fields          TEXT NOT NULL,
+        canonical       TEXT NOT NULL,
+        trace_id        TEXT NOT NULL,
+        source_seq      INTEGER,
+        status          TEXT NOT NULL DEFAULT 'pending'
+                        CHECK (status = 'pending' OR status = 'applied' OR status = 'rejected'
+                               OR status = 'cancelled'),
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at TEXT NOT NULL,
+        last_error      TEXT,
+        created_at      TEXT NOT NULL,
+        updated_at      TEXT NOT NULL,
+        external_id     TEXT,
+        version         TEXT,
+        workflow        TEXT
+    )
+    """,
+    f"INSERT INTO outbox_m002 ({_OUTBOX_COLUMNS}) SELECT {_OUTBOX_COLUMNS} FROM outbox",
+    """
+    INSERT INTO sqlite_sequence (name, seq)
+    SELECT 'outbox_m002', seq FROM sqlite_sequence
+    WHERE name = 'outbox' AND NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'outbox_m002')
+    """,
+    """
+    UPDATE sqlite_sequence
+    SET seq = max(seq, coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0))
+    WHERE name = 'outbox_m002'
+    """,
+    "DROP TABLE outbox",
+    "ALTER TABLE outbox_m002 RENAME TO outbox",
+    "CREATE INDEX outbox_due ON outbox (target, op_id) WHERE status = 'pending'",
+    "CREATE INDEX outbox_record ON outbox (entity, canonical_id) WHERE status = 'pending'",
+    "CREATE INDEX outbox_done ON outbox (updated_at) WHERE status IN ('applied', 'cancelled')",
+    "CREATE INDEX outbox_workflow ON outbox (workflow) WHERE status = 'pending' AND workflow IS NOT NULL",
+    # One row per workflow instance; ``instance_key`` is derived from the trigger (the deal, the
+    # change order, the journal entry), so a replay finds the instance instead of adding one.
+    """
+    CREATE TABLE workflow_instances (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        workflow      TEXT NOT NULL,
+        instance_key  TEXT NOT NULL UNIQUE,
+        entity        TEXT NOT NULL,
+        canonical_id  TEXT NOT NULL,
+        trigger_seq   INTEGER,
+        trace_id      TEXT NOT NULL,
+        status        TEXT NOT NULL
+                      CHECK (status = 'running' OR status = 'completed' OR status = 'parked'
+                             OR status = 'failed'),
+        trigger       TEXT NOT NULL,
+        trigger_ts    TEXT,
+        steps         TEXT NOT NULL DEFAULT '[]',
+        exception_ids TEXT NOT NULL DEFAULT '[]',
+        detail        TEXT,
+        started_at    TEXT NOT NULL,
+        updated_at    TEXT NOT NULL,
+        completed_at  TEXT
+    )
+    """,
+    "CREATE INDEX workflow_instances_recent ON workflow_instances (workflow, id)",
+    "CREATE INDEX workflow_instances_parked ON workflow_instances (trigger_seq) WHERE status = 'parked'",
+    # Aggregates (a contract's posted invoices, a project's approved hours) look records up by
+    # the value of one short field, typically a reference; long values are left out of the index.
+    "CREATE INDEX shadow_by_value ON shadow (entity, system, field, value) WHERE length(value) <= 80",
+)
+
+
+def m002_workflows(db: Database) -> None:
+    """Add workflow instances, ``unit`` ops and the outbox's workflow column, and the value index."""
+    for ddl in _WORKFLOW_DDL:
+        db.execute(ddl)
+
+
+_STEPS = (m001_initial_tables, m002_workflows)
 
 
 def migration_set() -> Migrations:

@@ -5,7 +5,8 @@ arrive in the order they were resolved). ``claim_due`` only reads: one deliverer
 target (the scheduler's ``max_instances=1``), and an op whose delivery was cut short by a
 crash is simply still pending, delivered again by upsert, which makes that harmless.
 Statuses move ``pending`` -> ``applied`` | ``rejected`` | ``cancelled``; an operator can
-``requeue`` a rejected op.
+``requeue`` a rejected op. An op that belongs to a workflow instance carries its key in
+``workflow``, so delivery can tell when the instance's last op went through.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ _ERROR_MAX = 2000
 
 _INSERT = (
     "INSERT INTO outbox (idempotency_key, target, entity, canonical_id, object_name, action,"
-    " key, fields, canonical, trace_id, source_seq, status, attempts, next_attempt_at,"
-    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)"
+    " key, fields, canonical, trace_id, source_seq, workflow, status, attempts, next_attempt_at,"
+    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)"
     " ON CONFLICT (idempotency_key) DO NOTHING"
 )
 
@@ -68,6 +69,7 @@ def _op(r: sqlite3.Row) -> Op:
         source_seq=r["source_seq"],
         op_id=r["op_id"],
         attempts=r["attempts"],
+        workflow=r["workflow"],
     )
 
 
@@ -89,6 +91,7 @@ def enqueue(st: State, ops: Sequence[Op], *, now: datetime | None = None) -> int
             codec.dumps(op.canonical),
             op.trace_id,
             op.source_seq,
+            op.workflow,
             ts,
             ts,
             ts,
@@ -211,6 +214,16 @@ def pending_for(st: State, entity: str, canonical_id: str) -> list[Op]:
         (entity, canonical_id),
     )
     return [_op(r) for r in rows]
+
+
+def pending_for_workflow(st: State, instance_key: str) -> int:
+    """Return how many ops of one workflow instance are still pending."""
+    r = fetch_one(
+        st,
+        "SELECT count(*) AS n FROM outbox WHERE workflow = ? AND status = 'pending'",
+        (instance_key,),
+    )
+    return 0 if r is None else int(r["n"])
 
 
 def prune(st: State, *, older_than: datetime) -> int:

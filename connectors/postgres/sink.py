@@ -19,6 +19,8 @@ INSERT; the op is then tried once more, and the UPDATE branch finds the row. Wit
 constraint two writers could both insert; the agent has one delivery job per target, and an
 ambiguous key (two rows) is rejected rather than guessed.
 
+A ``unit`` op applies several upserts in one savepoint, all or none (``connectors.postgres.units``).
+
 Values are sent as text with an unknown type (psycopg 3 does this for ``str``), so PostgreSQL
 casts each literal to its column's type, typmod included, exactly as it would a quoted
 literal. Identifiers always go through ``psycopg.sql.Identifier``; values are always
@@ -41,6 +43,7 @@ from psycopg import sql
 from agent.errors import AuthError, PermanentError, RetryableError, SyncAgentError
 from agent.model import Op, Outcome, Problem, utcnow
 from connectors.postgres.errors import classify_pg
+from connectors.postgres.units import apply_unit
 
 logger = logging.getLogger(__name__)
 
@@ -269,6 +272,9 @@ class PostgresSink:
         ]
 
     def _apply_op(self, conn: psycopg.Connection[Any], op: Op) -> Outcome | _Written:
+        if op.action == "unit":
+            done = apply_unit(op, lambda step: self._apply_op(conn, step), conn.transaction)
+            return done if isinstance(done, Outcome) else _Written(json.dumps(done[0]), done[1])
         target = self._tables.get(op.object_name)
         if target is None:
             return Outcome.reject("unknown_object", f"no table is mapped for object {op.object_name!r}")
