@@ -25,6 +25,7 @@ from connectors.dynamics import DynamicsEmulator
 from connectors.emulator import EmulatorApp, EmulatorServer, LoggedRequest
 from connectors.hubspot import HubSpotEmulator
 from connectors.netsuite.emulator import NetSuiteEmulator
+from connectors.postgres import drop
 from connectors.salesforce.emulator import SalesforceEmulator
 from tests.erp import dsn_parts, load_erp
 
@@ -70,6 +71,13 @@ class Env:
         assert code == 0, out
         members: dict[str, str] = json.loads(out)["members"]
         return members
+
+
+def drop_slot(dsn: str) -> None:
+    """Drop the test database's slot, publication and origin: slots are cluster-wide and capped."""
+    name = dsn_parts(dsn)["dbname"]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        drop(conn, name, name, name)
 
 
 def writes(emu: EmulatorApp, is_write: WriteFilter) -> int:
@@ -304,6 +312,7 @@ def hubspot(pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
         env.clocks.append((hs, timedelta(seconds=6)))  # the connector's safety lag is 5 s
         assert env.cli("init")[0] == 0
         yield env
+    drop_slot(pg_dsn)
 
 
 @pytest.fixture
@@ -317,6 +326,7 @@ def dynamics(pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> It
         env = DynamicsEnv(dynamics_config(tmp_path, pg_dsn, server.url), dsn=pg_dsn, dv=dv)
         assert env.cli("init")[0] == 0
         yield env
+    drop_slot(pg_dsn)
 
 
 @pytest.fixture
