@@ -142,7 +142,8 @@ def env(pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     try:
         with EmulatorServer(sf) as server:
             e = Env(pg_dsn, sync_config(tmp_path, pg_dsn, server.url), sf)
-            assert e.cli("init").code == 0
+            init = e.cli("init")
+            assert init.code == 0, init.stdout + init.stderr
             yield e
     finally:
         drop_replication_objects(pg_dsn)

@@ -217,7 +217,8 @@ def _exercise(env: CanaryEnv, log_format: str, tag: str) -> None:
 
 @pytest.mark.pg
 def test_security_canary_secrets_appear_in_no_output_log_row_or_state_byte(canary: CanaryEnv) -> None:
-    assert canary.cli("init")[0] == 0
+    code, out, err = canary.cli("init")
+    assert code == 0, out + err
     # a reader kept open, so the -wal and -shm files are still there to be read at the end
     keeper = sqlite3.connect(f"file:{canary.state_path}?mode=ro", uri=True)
     try:
