@@ -32,7 +32,7 @@ DEFAULT_CONFIG = "/etc/syncagent/config.toml"
 class Ctx:
     """What the group passes to its commands: the config path and output options."""
 
-    def __init__(self, config_path: str, log_format: str, log_level: str) -> None:
+    def __init__(self, config_path: str, log_format: str | None, log_level: str | None) -> None:
         self.config_path = config_path
         self.log_format = log_format
         self.log_level = log_level
@@ -100,13 +100,15 @@ def _fail(as_json: bool, message: str, errors: list[str], code: int) -> None:
     default=None,
     help="Log line format on stderr (default: the config's, else logfmt).",
 )
-@click.option("--log-level", default="info", show_default=True, help="debug, info, warning or error.")
+@click.option(
+    "--log-level", default=None, help="debug, info, warning or error (default: the config's, else info)."
+)
 @click.version_option(__version__, prog_name="syncagent")
 @click.pass_context
-def cli(ctx: click.Context, config_path: str, log_format: str | None, log_level: str) -> None:
+def cli(ctx: click.Context, config_path: str, log_format: str | None, log_level: str | None) -> None:
     """Keep a CRM and an ERP in step: capture, resolve by field ownership, deliver."""
-    setup_logging(level=log_level, fmt=log_format or "logfmt")
-    ctx.obj = Ctx(config_path, log_format or "logfmt", log_level)
+    setup_logging(level=log_level or "info", fmt=log_format or "logfmt")
+    ctx.obj = Ctx(config_path, log_format, log_level)
 
 
 @contextmanager
@@ -196,7 +198,7 @@ def run(c: Ctx, once: bool) -> None:
     from agent.scheduler import AgentRunner
 
     cfg = c.config()
-    setup_logging(level=c.log_level, fmt=c.log_format if c.log_format != "logfmt" else cfg.agent.log_format)
+    setup_logging(level=c.log_level or cfg.agent.log_level, fmt=c.log_format or cfg.agent.log_format)
     with _runtime(c) as rt:
         if not once:
             from agent.service import Service

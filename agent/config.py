@@ -10,11 +10,14 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from apscheduler.triggers.cron import CronTrigger
 
 from agent.errors import ConfigError, ConfigIssue
 from agent.model import Secret
@@ -23,6 +26,8 @@ FIELD_TYPES = ("string", "decimal", "int", "bool", "date", "datetime")
 NON_OWNER_POLICIES = ("ignore", "revert", "exception")
 DELETE_POLICIES = ("exception", "ignore", "propagate")
 SHARED = "shared"
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # Per key: (kind, default); default REQUIRED means the key must be given.
 REQUIRED = object()
@@ -238,6 +243,14 @@ def _build(raw: dict[str, Any], col: _Collector, env: Mapping[str, str], path: P
     agent_vals = _options(agent_raw, _AGENT_KEYS, "agent", col, env)
     if agent_vals.get("log_format") not in ("logfmt", "json"):
         col.add("agent.log_format", "must be 'logfmt' or 'json'")
+    if agent_vals.get("log_level") not in LOG_LEVELS:
+        col.add("agent.log_level", f"must be one of {list(LOG_LEVELS)}")
+    cron = agent_vals.get("reconcile_cron")
+    if isinstance(cron, str):
+        try:
+            CronTrigger.from_crontab(cron)
+        except ValueError as exc:
+            col.add("agent.reconcile_cron", f"not a cron expression (minute hour day month weekday): {exc}")
     metrics_raw = _table(raw.get("metrics", {}), "metrics", col)
     _unknown(metrics_raw, ("listen",), "metrics", col)
     listen = metrics_raw.get("listen")
@@ -288,7 +301,7 @@ def _system(name: str, raw: Any, col: _Collector, env: Mapping[str, str]) -> Sys
         col.add(key, "system names are letters, digits and underscores")
     table = _table(raw, key, col)
     kind = table.get("type")
-    if kind not in CONNECTOR_OPTIONS:
+    if not isinstance(kind, str) or kind not in CONNECTOR_OPTIONS:
         col.add(
             f"{key}.type", f"unknown connector type {kind!r}; expected one of {sorted(CONNECTOR_OPTIONS)}"
         )
@@ -303,11 +316,23 @@ def _system(name: str, raw: Any, col: _Collector, env: Mapping[str, str]) -> Sys
             col.add(f"{key}.client_secret", "required when auth = 'client_credentials'")
         if mode == "jwt" and (values.get("private_key") is None or not values.get("username")):
             col.add(f"{key}", "auth = 'jwt' needs username and private_key")
+        version = values.get("api_version")
+        if isinstance(version, str) and not re.fullmatch(r"v\d{2,3}\.\d", version):
+            col.add(f"{key}.api_version", "must look like 'v62.0'")
     if kind == "hubspot" and values.get("token") is None and values.get("refresh_token") is None:
         col.add(f"{key}.token", "give a private-app token, or client_id, client_secret and refresh_token")
+    if kind == "postgres":
+        port = values.get("port")
+        if isinstance(port, int) and not 0 < port < 65536:
+            col.add(f"{key}.port", "must be a TCP port, 1 to 65535")
+        if values.get("sslmode") is not None and values["sslmode"] not in SSL_MODES:
+            col.add(f"{key}.sslmode", f"must be one of {list(SSL_MODES)}")
     common = {k: values.pop(k) for k in list(values) if k in _COMMON}
-    if common.get("poll_interval", 1) <= 0:
-        col.add(f"{key}.poll_interval", "must be a positive number of seconds")
+    for num in ("poll_interval", "timeout_seconds"):
+        if common.get(num) is None:
+            return None  # already reported as a wrong type
+        if common[num] <= 0:
+            col.add(f"{key}.{num}", "must be a positive number of seconds")
     return SystemConfig(
         name=name,
         type=kind,
@@ -333,9 +358,20 @@ def _entity(name: str, raw: Any, systems: Mapping[str, SystemConfig], col: _Coll
         for req in ("object", "key"):
             if not isinstance(m.get(req), str) or not m.get(req):
                 col.add(f"{mkey}.{req}", "required text")
+            elif not _is_name(m[req], dotted=req == "object"):
+                col.add(
+                    f"{mkey}.{req}",
+                    "must be a plain name (letters, digits, underscores; schema.table "
+                    "for a table): it is quoted as an identifier, never pasted into SQL",
+                )
         for opt in ("external_id", "match_on", "row_filter", "updated_at"):
             if opt in m and not isinstance(m[opt], str):
                 col.add(f"{mkey}.{opt}", "must be text")
+                m = {**m, opt: None}
+            elif (
+                opt in ("external_id", "updated_at") and isinstance(m.get(opt), str) and not _is_name(m[opt])
+            ):
+                col.add(f"{mkey}.{opt}", "must be a plain column or field name")
         mappings[sys_name] = SystemMapping(
             system=sys_name,
             object=str(m.get("object", "")),
@@ -358,13 +394,13 @@ def _entity(name: str, raw: Any, systems: Mapping[str, SystemConfig], col: _Coll
         if sm.match_on and sm.match_on not in fields:
             col.add(f"{key}.systems.{sm.system}.match_on", f"{sm.match_on!r} is not a field of {name}")
     policy = table.get("on_non_owner_edit", "ignore")
-    if policy not in NON_OWNER_POLICIES:
+    if not isinstance(policy, str) or policy not in NON_OWNER_POLICIES:
         col.add(f"{key}.on_non_owner_edit", f"must be one of {list(NON_OWNER_POLICIES)}")
     conflict = table.get("on_conflict", "latest")
-    if conflict != "latest" and conflict not in mappings:
+    if not isinstance(conflict, str) or (conflict != "latest" and conflict not in mappings):
         col.add(f"{key}.on_conflict", "must be 'latest' or the name of a system mapping this entity")
     on_delete = table.get("on_delete", "exception")
-    if on_delete not in DELETE_POLICIES:
+    if not isinstance(on_delete, str) or on_delete not in DELETE_POLICIES:
         col.add(f"{key}.on_delete", f"must be one of {list(DELETE_POLICIES)}")
     return EntityConfig(
         name=name,
@@ -388,12 +424,17 @@ def _field(
             col.add(f"{key}.{k}", f"unknown key or system {k!r}{_suggest(k, [*_FIELD_KEYS, *mappings])}")
         elif not isinstance(v, str) or not v:
             col.add(f"{key}.{k}", "the column or field name in that system, as text")
+        elif not _is_name(v):
+            col.add(f"{key}.{k}", "must be a plain column or field name (letters, digits, underscores)")
         else:
             columns[k] = v
     if not columns:
         col.add(key, 'name the field\'s column in at least one system, e.g. erp = "name"')
     owner = table.get("owner")
-    if owner is None:
+    if owner is not None and not isinstance(owner, str):
+        col.add(f"{key}.owner", "must be a system name or 'shared', as text")
+        owner = None
+    elif owner is None:
         col.add(f"{key}.owner", "required: a system name or 'shared'")
     elif owner != SHARED and owner not in mappings:
         col.add(f"{key}.owner", f"unknown owner {owner!r}: a system mapping this entity or 'shared'")
@@ -417,6 +458,7 @@ def _field(
     ref = table.get("ref")
     if ref is not None and not isinstance(ref, str):
         col.add(f"{key}.ref", "must name an entity")
+        ref = None
     required = table.get("required", False)
     if not isinstance(required, bool):
         col.add(f"{key}.required", "must be true or false")
@@ -541,6 +583,14 @@ def _is_ident(value: str) -> bool:
         and value.isascii()
         and value == value.lower()
     )
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def _is_name(value: str, *, dotted: bool = False) -> bool:
+    parts = value.split(".") if dotted else [value]
+    return 0 < len(parts) <= 2 and all(_NAME.match(p) and len(p) <= 128 for p in parts)
 
 
 def _is_loopback_listen(value: Any) -> bool:

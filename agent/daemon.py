@@ -55,6 +55,16 @@ def open_config(path: str | Path) -> Config:
                 issues.append(
                     ConfigIssue(str(cfg.path), f"{key}.row_filter", "row filters apply to postgres only")
                 )
+    used = {system for entity in cfg.entities.values() for system in entity.systems}
+    for name in cfg.systems:
+        if name not in used:
+            issues.append(
+                ConfigIssue(
+                    str(cfg.path),
+                    f"systems.{name}",
+                    "no entity maps this system: map an entity to it or remove it",
+                )
+            )
     seen: dict[tuple[str, str], str] = {}
     for entity in cfg.entities.values():
         for system, m in entity.systems.items():
@@ -109,7 +119,10 @@ def build_runtime(config: Config, *, transport: httpx.BaseTransport | None = Non
                 hint="set verify_tls = true unless this is a lab system",
             )
         builder = _BUILDERS[sc.type]
-        source, sink = builder(config, sc, transport, clients)
+        try:
+            source, sink = builder(config, sc, transport, clients)
+        except ValueError as exc:  # a connector refusing a setting the loader could not judge
+            raise ConfigError([ConfigIssue(str(config.path), f"systems.{name}", str(exc))]) from exc
         sources[name] = source
         sinks[name] = sink
         if sc.type == "postgres":

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SERVER_OPTIONS = (
-    "-c wal_level=logical -c max_replication_slots=20 -c max_wal_senders=10 "
+    "-c wal_level=logical -c max_replication_slots=64 -c max_wal_senders=10 "
     "-c listen_addresses=127.0.0.1 -c max_connections=100"
 )
 

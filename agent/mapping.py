@@ -26,6 +26,8 @@ def normalize(value: Any, ftype: str, *, record: str = "", field: str = "") -> A
         return None
     try:
         if ftype == "string":
+            if isinstance(value, dict | list):
+                raise TypeError("a structured value where text is mapped")
             return value if isinstance(value, str) else _text(value)
         if ftype == "decimal":
             return decimal_text(value)

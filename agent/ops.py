@@ -19,7 +19,7 @@ from agent.daemon import Runtime, pg_connect_factory
 from agent.errors import CursorUnavailable, PermanentError, SyncAgentError
 from agent.model import Cursor, Problem
 from connectors.base import Resync
-from connectors.postgres import TableSpec, ensure
+from connectors.postgres import TableSpec, classify_pg, ensure
 from state import audit, checkpoints, exceptions, journal, open_state, outbox, xref
 from state.checkpoints import Checkpoint
 from state.db import State
@@ -96,7 +96,10 @@ def init(config: Config, *, dry_run: bool) -> dict[str, list[str]]:
                     updated_at_column=m.updated_at,
                 )
             )
-        with pg_connect_factory(sc)() as conn:
+        with (
+            classify_pg(f"syncagent init ({name})", target=f"{sc.options['host']}:{sc.options['port']}"),
+            pg_connect_factory(sc)() as conn,
+        ):
             out[name] = ensure(
                 conn,
                 slot=sc.options["slot"],

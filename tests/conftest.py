@@ -37,8 +37,32 @@ def pg_cluster() -> Iterator[LocalCluster]:
 
 
 @pytest.fixture
-def pg_dsn(pg_cluster: LocalCluster) -> str:
-    """A fresh, empty database in the session cluster; its DSN."""
+def pg_dsn(pg_cluster: LocalCluster) -> Iterator[str]:
+    """A fresh, empty database in the session cluster; its DSN.
+
+    Slots and origins are cluster-wide and limited: the ones a test made in its database
+    (and origins named after it) are given back afterwards.
+    """
     name = f"t{os.getpid()}_{next(_db_counter)}"
     pg_cluster.createdb(name)
-    return pg_cluster.dsn(name)
+    yield pg_cluster.dsn(name)
+    _release_replication(pg_cluster, name)
+
+
+def _release_replication(cluster: LocalCluster, dbname: str) -> None:
+    import psycopg
+
+    with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+        for slot, active_pid in conn.execute(
+            "SELECT slot_name, active_pid FROM pg_replication_slots WHERE database = %s", (dbname,)
+        ).fetchall():
+            if active_pid:
+                conn.execute("SELECT pg_terminate_backend(%s)", (active_pid,))
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        for (origin,) in conn.execute(
+            "SELECT roname FROM pg_replication_origin WHERE roname = %s", (dbname,)
+        ).fetchall():
+            try:
+                conn.execute("SELECT pg_replication_origin_drop(%s)", (origin,))
+            except psycopg.Error:
+                pass  # still held by a lingering session: harmless, origins are cheap

@@ -36,7 +36,9 @@ def test_init_dry_run_prints_the_ddl_and_changes_nothing(erp: tuple[str, Path]) 
     assert f'CREATE PUBLICATION "{slot}" FOR TABLE "erp"."contracts", "erp"."customers"' in out
     assert f"pg_create_logical_replication_slot('{slot}', 'pgoutput')" in out
     with psycopg.connect(dsn) as conn:
-        assert conn.execute("SELECT count(*) FROM pg_replication_slots").fetchone() == (0,)
+        assert conn.execute(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+        ).fetchone() == (0,)
 
 
 def test_init_is_idempotent_when_run_twice(erp: tuple[str, Path]) -> None:
