@@ -150,7 +150,8 @@ def record_to_change(
     record_id = str(record["Id"])
     stamp_text = str(record["SystemModstamp"])
     stamp = parse_modstamp(stamp_text)
-    fields = {f: record.get(f) for f in obj.fields}
+    # Only fields the payload carries: an absent field is unknown, not empty (a null clears it).
+    fields = {f: record[f] for f in obj.fields if f in record}
     change = Change(
         source=source,
         stream=stream,
