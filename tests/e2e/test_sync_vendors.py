@@ -3,7 +3,8 @@
 (a) ERP PostgreSQL <-> CRM HubSpot (companies, deals), (b) ERP PostgreSQL <-> CRM Dynamics
 365 (accounts), (c) ERP NetSuite (customer) <-> CRM Salesforce (Account). Every emulator
 runs as a real loopback server; a change on either side reaches the other, and counting
-each emulator's write requests shows that nothing is echoed back.
+each emulator's write requests shows that nothing is echoed back. Then closed-won with
+HubSpot as the CRM (the demo's workflow config, tests/e2e/test_workflows.py, over HubSpot).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from connectors.hubspot import HubSpotEmulator
 from connectors.netsuite.emulator import NetSuiteEmulator
 from connectors.postgres import drop
 from connectors.salesforce.emulator import SalesforceEmulator
-from tests.erp import dsn_parts, load_erp
+from tests.erp import add_sf_fields, dsn_parts, load_erp, sync_config
 
 pytestmark = pytest.mark.e2e
 
@@ -439,6 +440,55 @@ def test_sync_hubspot_deal_reaches_the_erp_as_a_contract_of_its_associated_compa
     ], "the contract did not get its customer"
 
 
+@dataclass
+class SalesforceEnv(Env):
+    """ERP PostgreSQL and the Salesforce emulator (tests/erp.py's sync config)."""
+
+    sf: SalesforceEmulator = field(default_factory=SalesforceEmulator)
+
+
+@pytest.fixture
+def salesforce(pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SalesforceEnv]:
+    """The reference pair, where no vendor gap hides what resolve does with a not-yet-linked reference."""
+    monkeypatch.setenv("SF_CLIENT_ID", "syncagent")
+    monkeypatch.setenv("SF_CLIENT_SECRET", "s3cret")
+    load_erp(pg_dsn)
+    sf = SalesforceEmulator()
+    add_sf_fields(sf)
+    with EmulatorServer(sf) as server:
+        env = SalesforceEnv(sync_config(tmp_path, pg_dsn, server.url), dsn=pg_dsn, sf=sf)
+        env.clocks.append((sf, timedelta(seconds=3)))
+        assert env.cli("init")[0] == 0
+        yield env
+    drop_slot(pg_dsn)
+
+
+@pytest.mark.pg
+def test_sync_a_deal_created_with_its_new_account_reaches_the_erp_once_the_account_is_linked(
+    salesforce: SalesforceEnv,
+) -> None:
+    """A deal whose account is new waits for the account's ERP id, then reaches the ERP; it is not dropped."""
+    env = salesforce
+    account = env.sf.insert("Account", {"Name": "Acme"})
+    deal = env.sf.insert(
+        "Opportunity",
+        {
+            "Name": "Acme rollout",
+            "AccountId": account,
+            "StageName": "Proposal",
+            "CloseDate": "2026-06-30",
+            "Amount": Decimal("9000"),
+        },
+    )
+    env.cycle(4)
+    assert env.sql("SELECT crm_id FROM erp.customers") == [(account,)]
+    assert env.sql(
+        "SELECT k.crm_id, c.crm_id FROM erp.contracts k JOIN erp.customers c ON c.id = k.customer_id"
+    ) == [(deal, account)], (
+        "the deal was parked for its account and then resolved as 'noop': it never reached the ERP"
+    )
+
+
 # --- (b) ERP PostgreSQL <-> Dynamics 365 --------------------------------------------------------
 
 
@@ -528,3 +578,176 @@ def test_sync_salesforce_account_creates_a_netsuite_customer_and_an_erp_edit_goe
     env.cycle(2)
     assert (env.sf.get("Account", sid) or {})["AccountNumber"] == "C-10"
     assert env.writes() == (before[0], before[1] + 1), "the Salesforce write came back to NetSuite"
+
+
+# --- closed-won -> ERP set-up with HubSpot as the CRM ---------------------------------------------
+
+_HUBSPOT_STAGES = (
+    "appointmentscheduled",
+    "qualifiedtobuy",
+    "presentationscheduled",
+    "decisionmakerboughtin",
+    "contractsent",
+    "closedlost",
+)
+
+
+def closed_won_config(tmp_path: Path, dsn: str, url: str) -> Path:
+    """The demo's closed-won set-up (tests/e2e/test_workflows.py) with HubSpot in place of Salesforce."""
+    stages = ", ".join(f'{s} = "{s}"' for s in _HUBSPOT_STAGES)
+    path = tmp_path / "closed_won.toml"
+    path.write_text(
+        _agent(tmp_path)
+        + _erp_pg(dsn)
+        + f"""
+[systems.crm]
+type = "hubspot"
+base_url = "{url}"
+token = {{env = "HS_TOKEN"}}
+lookback_seconds = 5
+search_rate_per_s = 1000.0
+
+[entities.customer.systems.crm]
+object = "companies"
+key = "id"
+external_id = "erp_id"
+match_on = "customer_no"
+
+[entities.customer.fields]
+name = {{owner = "crm", erp = "name", crm = "name"}}
+customer_no = {{owner = "crm", erp = "customer_no", crm = "customer_no"}}
+
+[entities.contract]
+on_non_owner_edit = "ignore"
+
+[entities.contract.systems.erp]
+object = "erp.contracts"
+key = "id"
+external_id = "crm_id"
+updated_at = "updated_at"
+
+[entities.contract.systems.crm]
+object = "deals"
+key = "id"
+external_id = "erp_id"
+
+[entities.contract.fields]
+title = {{owner = "crm", erp = "title", crm = "dealname"}}
+customer = {{owner = "crm", ref = "customer", erp = "customer_id", crm = "associated_company_id"}}
+value = {{owner = "erp", type = "decimal", erp = "value", crm = "amount"}}
+currency = {{owner = "crm", erp = "currency", crm = "deal_currency_code"}}
+legal_entity = {{owner = "crm", erp = "legal_entity", crm = "legal_entity"}}
+tax_code = {{owner = "crm", erp = "tax_code", crm = "tax_code"}}
+service_line = {{owner = "crm", crm = "service_line"}}
+stage = {{owner = "crm", crm = "dealstage", values = {{crm = {{won = "closedwon", {stages}}}}}}}
+version = {{owner = "erp", type = "int", erp = "version"}}
+delivery_status = {{owner = "erp", erp = "delivery_status", crm = "delivery_status"}}
+
+[entities.project.systems.erp]
+object = "erp.projects"
+key = "id"
+match_on = "project_code"
+updated_at = "updated_at"
+
+[entities.project.fields]
+project_code = {{owner = "erp", erp = "project_code"}}
+contract = {{owner = "erp", ref = "contract", erp = "contract_id"}}
+customer = {{owner = "erp", ref = "customer", erp = "customer_id"}}
+service_line = {{owner = "erp", erp = "service_line"}}
+status = {{owner = "erp", erp = "status"}}
+
+[entities.legal_entity.systems.erp]
+object = "erp.legal_entities"
+key = "code"
+match_on = "code"
+
+[entities.legal_entity.fields]
+code = {{owner = "erp", erp = "code"}}
+currencies = {{owner = "erp", erp = "currencies"}}
+
+[entities.tax_code.systems.erp]
+object = "erp.tax_codes"
+key = "code"
+match_on = "code"
+
+[entities.tax_code.fields]
+code = {{owner = "erp", erp = "code"}}
+
+[entities.service_line.systems.erp]
+object = "erp.service_lines"
+key = "code"
+match_on = "code"
+
+[entities.service_line.fields]
+code = {{owner = "erp", erp = "code"}}
+
+[workflows.closed_won]
+project_code = "{{service_line}}-{{crm_id}}"
+crm_project_field = "erp_project_id"
+"""
+    )
+    return path
+
+
+@pytest.fixture
+def hubspot_won(pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubSpotEnv]:
+    """HubSpot with the deal properties closed-won reads, reference data journaled by a resync."""
+    monkeypatch.setenv("HS_TOKEN", "pat-na1-emulator")
+    load_erp(pg_dsn)
+    hs = HubSpotEmulator(search_rate_per_s=1000, burst_limit=10_000)
+    hs.define_property("companies", "customer_no")
+    for name in ("legal_entity", "tax_code", "service_line", "delivery_status", "erp_project_id"):
+        hs.define_property("deals", name)
+    with EmulatorServer(hs) as server:
+        env = HubSpotEnv(closed_won_config(tmp_path, pg_dsn, server.url), dsn=pg_dsn, hs=hs)
+        env.clocks.append((hs, timedelta(seconds=6)))
+        assert env.cli("init")[0] == 0
+        code, out = env.cli("checkpoint", "rewind", "erp", "--to", "all", "--yes")
+        assert code == 0 and "6 rows journaled" in out, out
+        yield env
+    drop_slot(pg_dsn)
+
+
+@pytest.mark.pg
+def test_closed_won_sets_up_customer_contract_and_project_when_a_hubspot_deal_is_won(
+    hubspot_won: HubSpotEnv,
+) -> None:
+    """A won HubSpot deal becomes ERP customer, contract and project; ids flow back to HubSpot once."""
+    env = hubspot_won
+    company = env.hs.insert("companies", {"name": "Acme Consulting GmbH", "customer_no": "C-10042"})
+    deal = env.hs.insert(
+        "deals",
+        {
+            "dealname": "Acme - ERP rollout",
+            "amount": "48000.00",
+            "dealstage": "contractsent",
+            "deal_currency_code": "EUR",
+            "legal_entity": "ACME-DE",
+            "tax_code": "DE-VAT19",
+            "service_line": "IMPL",
+        },
+    )
+    env.hs.associate("deals", deal, "companies", company)
+    env.cycle()
+    assert env.sql("SELECT count(*) FROM erp.contracts") == [(0,)], "an open deal reached the ERP"
+    env.hs.update("deals", deal, {"dealstage": "closedwon"})
+    env.cycle(2)
+    code, out = env.cli("exceptions", "list", "--json")
+    assert json.loads(out)["items"] == [], out
+    assert env.sql("SELECT id, name, customer_no, crm_id FROM erp.customers") == [
+        (1, "Acme Consulting GmbH", "C-10042", company)
+    ]
+    assert env.sql(
+        "SELECT customer_id, title, value, currency, legal_entity, tax_code, delivery_status, crm_id"
+        " FROM erp.contracts"
+    ) == [(1, "Acme - ERP rollout", Decimal("48000.00"), "EUR", "ACME-DE", "DE-VAT19", "setup", deal)]
+    assert env.sql("SELECT project_code, contract_id, customer_id, service_line FROM erp.projects") == [
+        (f"IMPL-{deal}", 1, 1, "IMPL")
+    ]
+    props = env.props("deals", deal)
+    assert (props["erp_id"], props["erp_project_id"], props["delivery_status"]) == ("1", "1", "setup")
+    assert env.props("companies", company)["erp_id"] == "1"
+    before = env.writes()
+    env.cycle(2)
+    assert env.writes() == before, "an echo was sent back to HubSpot"
+    assert env.sql("SELECT count(*) FROM erp.projects") == [(1,)]
