@@ -1,0 +1,1 @@
+"""Chaos and soak harness: seeded two-sided workload under kills, storms, restarts and a full disk."""
