@@ -400,6 +400,63 @@ def test_sync_reaches_the_end_state_when_killed_at_every_point_in_a_row(env: Env
     env.assert_in_step()
 
 
+def test_sync_links_both_ways_when_killed_after_salesforce_applied_a_create(env: Env) -> None:
+    """The smallest case of "applied but not recorded": three new ERP customers, one Collections write.
+
+    On restart the CRM poll sees the new Accounts (their ERP_Id__c names the ERP rows) before
+    the replayed upsert is recorded; the ERP must still get each Account's id in crm_id, and
+    the audit must not claim that Salesforce edited ERP-owned fields.
+    """
+    env.erp_insert(1, 3)
+    assert env.child("crm_applied", 1) == -signal.SIGKILL
+    assert len(env.sf.all("Account")) == 3, "the write was applied before the kill"
+    env.converge()
+    env.assert_in_step()
+
+
+def test_sync_keeps_an_erp_edit_made_after_a_crm_create_was_applied_but_not_recorded(env: Env) -> None:
+    """A replayed create must not undo what the owner changed since it was first applied.
+
+    An Account becomes an ERP row; the agent dies after the ERP committed it. Before the
+    restart an ERP user archives the customer (status is ERP-owned). The restarted agent
+    replays the create, an upsert by crm_id carrying the Account's first values.
+    """
+    env.crm_insert(1, 1)  # status On Hold
+    assert env.child("erp_applied", 1) == -signal.SIGKILL
+    env.erp_update(lambda k, n: k == "K", status="archived")
+    assert env.model.customers["K-0001"]["status"] == "archived", "the ERP row exists before the restart"
+    env.converge()
+    ((status,),) = (
+        psycopg.connect(env.dsn, autocommit=True)
+        .execute("SELECT status FROM erp.customers WHERE customer_no = 'K-0001'")
+        .fetchall()
+    )
+    crm_status = env.sf.all("Account")[0]["Status__c"]
+    assert (status, crm_status) == ("archived", "Inactive"), (
+        f"ERP status {status!r}, Salesforce {crm_status!r}: the replayed create overwrote the ERP"
+        " owner's newer edit with the Account's first values"
+    )
+
+
+def test_sync_keeps_a_crm_edit_made_after_an_erp_create_was_applied_but_not_recorded(env: Env) -> None:
+    """The same on the Salesforce side: a rename (CRM-owned) made while the create was unrecorded."""
+    env.erp_insert(1, 1)
+    assert env.child("crm_applied", 1) == -signal.SIGKILL
+    env.crm_edit(lambda k, n: True, name="renamed in CRM")
+    assert env.model.customers["C-0001"]["name"] == "renamed in CRM", "the Account exists before the restart"
+    env.converge()
+    ((name,),) = (
+        psycopg.connect(env.dsn, autocommit=True)
+        .execute("SELECT name FROM erp.customers WHERE customer_no = 'C-0001'")
+        .fetchall()
+    )
+    crm_name = env.sf.all("Account")[0]["Name"]
+    assert (name, crm_name) == ("renamed in CRM", "renamed in CRM"), (
+        f"ERP name {name!r}, Salesforce {crm_name!r}: the replayed create overwrote the CRM"
+        " owner's newer edit"
+    )
+
+
 # --- throttling and expired sessions, under the daemon ----------------------------------------
 
 
