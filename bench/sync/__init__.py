@@ -1,0 +1,1 @@
+"""Sync benchmark: both directions through the agent against the Salesforce emulator."""
