@@ -126,6 +126,14 @@ BEGIN
   END LOOP;
 END $$;
 
+-- A text copy of each legal entity's currencies ('GBP,EUR'), kept by a trigger, for
+-- integrations that map text columns rather than arrays.
+ALTER TABLE erp.legal_entities ADD COLUMN currency_codes text;
+CREATE FUNCTION erp.legal_entity_currency_codes() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN NEW.currency_codes := array_to_string(NEW.currencies, ','); RETURN NEW; END $$;
+CREATE TRIGGER currency_codes BEFORE INSERT OR UPDATE ON erp.legal_entities
+  FOR EACH ROW EXECUTE FUNCTION erp.legal_entity_currency_codes();
+
 INSERT INTO erp.legal_entities VALUES ('ACME-DE', 'Acme Consulting GmbH', '{EUR}'), ('ACME-UK', 'Acme Consulting Ltd', '{GBP,EUR}');
 INSERT INTO erp.tax_codes VALUES ('DE-VAT19', 0.19, 'ACME-DE'), ('UK-VAT20', 0.20, 'ACME-UK');
 INSERT INTO erp.service_lines VALUES ('ADVISORY', 'Advisory', 'TPL-ADV'), ('IMPL', 'Implementation', 'TPL-IMPL');

@@ -312,8 +312,10 @@ def _summary(env: DemoEnv, echo: Echo, keep: bool) -> None:
 
 def run_demo(*, keep: bool = False, echo: Echo = print, log: TextIO | None = None) -> int:
     """Run the whole demo; 0 when every step happened, 1 when one did not, 130 on Ctrl-C."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
+    if main and keep:  # a shell may start us with SIGINT ignored; Ctrl-C must still end the demo
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     echo("Starting a throwaway PostgreSQL with the demo ERP and the Salesforce emulator...")
     root = new_root()
     log_file = log or open(root / "agent.log", "a")  # noqa: SIM115 - closed below
@@ -342,7 +344,8 @@ def run_demo(*, keep: bool = False, echo: Echo = print, log: TextIO | None = Non
     except DemoFailed as exc:
         echo(f"\ndemo failed: {exc}; the agent's last log lines:")
         log_file.flush()
-        for line in (env.root / "agent.log").read_text().splitlines()[-15:]:
+        own_log = root / "agent.log"
+        for line in own_log.read_text().splitlines()[-15:] if own_log.exists() else []:
             echo(f"  {line}")
         return 1
     except KeyboardInterrupt:
@@ -355,6 +358,8 @@ def run_demo(*, keep: bool = False, echo: Echo = print, log: TextIO | None = Non
         if log is None and not log_file.closed:
             log_file.close()
         env.close()
+        if main:
+            signal.signal(signal.SIGTERM, previous)
         echo("demo removed: cluster, emulator and state are gone")
 
 

@@ -107,7 +107,6 @@ class ChangeOrder:
             "version": version,
             "old_value": known.get("value"),
             "new_value": rec["new_value"],
-            "billing_schedule": rec.get("billing_schedule"),
             "approved_by": rec.get("approved_by") or f"{self.crm}:{self.orders.systems[self.crm].object}",
             "approved_at": rec.get("approved_at") or ctx.change.version,
             "trace_id": ctx.change.trace_id,
@@ -116,6 +115,9 @@ class ChangeOrder:
         revision = {k: v for k, v in revision.items() if k in self.revisions.fields and v is not None}
         fields = self.mappers[self.revisions.name].to_native(erp, revision, record=key)
         fields[self.revisions.fields[self.revision_deal].columns[erp]] = contract_id
+        if rec.get("billing_schedule") and self.o["billing_schedule_column"]:
+            # Written as JSON text into its own column, never read back as a canonical field.
+            fields[self.o["billing_schedule_column"]] = rec["billing_schedule"]
         ref_column = self.revisions.fields["change_order_ref"].columns[erp]
         rm, dm = self.revisions.systems[erp], self.deals.systems[erp]
         contract = {"value": rec["new_value"], "version": version}

@@ -58,6 +58,7 @@ WORKFLOW_OPTIONS: dict[str, dict[str, tuple[str, Any]]] = {
         "deals": ("entity", "contract"),
         "revisions": ("entity", "contract_revision"),
         "approved_value": ("str", "approved"),
+        "billing_schedule_column": ("str", "billing_schedule"),
         "crm_revision_field": ("str", None),
         "update_crm_value": ("bool", True),
     },
@@ -104,11 +105,14 @@ def check(
         if not isinstance(table, dict):
             issues.append((key, f"must be a table, not {type(table).__name__}"))
             continue
-        found = len(issues)
 
         def add(k: str, reason: str, _key: str = key) -> None:
             issues.append((f"{_key}.{k}" if k else _key, reason))
 
+        for k in table:
+            if k not in spec:
+                add(k, "unknown key")
+        found = len(issues)
         values = _values(table, spec, entities, systems, add)
         if len(issues) == found and values["enabled"]:
             _SEMANTICS[name](values, entities, add)
@@ -123,9 +127,6 @@ def _values(
     systems: Mapping[str, Any],
     add: Add,
 ) -> dict[str, Any]:
-    for k in table:
-        if k not in spec:
-            add(k, "unknown key")
     values: dict[str, Any] = {}
     for k, (kind, default) in spec.items():
         v = table.get(k, default)
