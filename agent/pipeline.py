@@ -66,8 +66,12 @@ def capture(
     limit: int = 10_000,
     max_batches: int | None = None,
     clock: Callable[[], datetime] = utcnow,
+    should_stop: Callable[[], bool] | None = None,
 ) -> CaptureResult:
     """Read one stream until it has nothing more (or ``max_batches``), journaling each batch.
+
+    ``should_stop`` is asked after every committed batch: a stopping agent finishes the
+    batch in flight, commits it, and leaves the rest for the next start.
 
     The checkpoint generation is read once; if an operator rewinds it meanwhile, the
     advance is refused and this cycle stops, so the next one starts from the new position.
@@ -87,6 +91,8 @@ def capture(
         source.commit(stream, batch.next_cursor)
         cursor = batch.next_cursor
         if not batch.more or (max_batches is not None and batches >= max_batches):
+            break
+        if should_stop is not None and should_stop():
             break
     seconds = time.monotonic() - started
     log_event(

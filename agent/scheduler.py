@@ -34,6 +34,9 @@ from state.db import State
 
 logger = logging.getLogger(__name__)
 
+#: Seconds a stop waits for jobs in flight (below the unit's TimeoutStopSec=90).
+STOP_TIMEOUT = 75.0
+
 #: Health row holding an API connector's call usage and budget (not a stream of changes).
 API_STREAM = "api"
 
@@ -70,6 +73,9 @@ class AgentRunner:
         self._backoff: dict[str, tuple[int, float]] = {}
         self._scheduler: BlockingScheduler | None = None
         self._primed: set[str] = set()
+        self._stopped: set[str] = set()
+        self._running = threading.Condition()
+        self._active = 0
 
     # --- state per thread ---------------------------------------------------------------------
     def state(self) -> State:
@@ -100,7 +106,12 @@ class AgentRunner:
                 break
             self._prime(name, stream, st)
             result = pipeline.capture(
-                source, st, stream, limit=self.rt.config.agent.resolve_batch, clock=self.clock
+                source,
+                st,
+                stream,
+                limit=self.rt.config.agent.resolve_batch,
+                clock=self.clock,
+                should_stop=self._stop.is_set,
             )
             total += result.journaled
             health.record_success(st, name, stream, changes=result.journaled)
@@ -229,6 +240,7 @@ class AgentRunner:
             return True
         except PermanentError as exc:
             self._record_failure(job, connector, exc, "stopped")
+            self._stopped.add(connector)
             if report is not None:
                 report.failures[connector] = f"{type(exc).__name__}: {exc}"
             if self._scheduler is not None:
@@ -341,6 +353,7 @@ class AgentRunner:
         try:
             sched.start()
         finally:
+            self._wait_for_jobs(STOP_TIMEOUT)
             self.close()
 
     def reschedule(self) -> None:
@@ -349,31 +362,61 @@ class AgentRunner:
             return
         cfg = self.rt.config
         for name, sc in cfg.systems.items():
-            if self._scheduler.get_job(f"poll:{name}") is not None:
+            job = self._scheduler.get_job(f"poll:{name}")
+            if job is not None and job.next_run_time is not None:  # a paused job stays paused
                 self._scheduler.reschedule_job(f"poll:{name}", trigger="interval", seconds=sc.poll_interval)
         self._scheduler.reschedule_job("resolve", trigger="interval", seconds=cfg.agent.resolve_interval)
 
     def _job(self, job: str, connector: str, fn: Callable[[], Any]) -> Callable[[], None]:
         def run() -> None:
-            if self._stop.is_set() or self._backing_off(job):
+            if self._stop.is_set() or self._backing_off(job) or connector in self._stopped:
                 return
-            self._guard(job, connector, fn)
+            with self._running:
+                self._active += 1
+            try:
+                self._guard(job, connector, fn)
+            finally:
+                with self._running:
+                    self._active -= 1
+                    self._running.notify_all()
 
         return run
 
+    def _wait_for_jobs(self, timeout: float) -> None:
+        """After the scheduler stopped: let the jobs in flight finish their batch and commit."""
+        deadline = time.monotonic() + timeout
+        with self._running:
+            while self._active and time.monotonic() < deadline:
+                self._running.wait(0.2)
+        if self._active:
+            log_event(logger, "stop_timeout", jobs=self._active, level=logging.WARNING)
+
+    def _wake(self, job_id: str) -> None:
+        """Run a job now, unless the agent is stopping or the job is paused (a stopped connector)."""
+        sched = self._scheduler
+        if sched is None or self._stop.is_set():
+            return
+        job = sched.get_job(job_id)
+        if job is None or job.next_run_time is None:  # paused: waking it would un-pause it
+            return
+        try:
+            sched.modify_job(job_id, next_run_time=self.clock())
+        except Exception:  # noqa: BLE001 - a scheduler shutting down under us: nothing to wake
+            return
+
     def _poll_and_wake(self, name: str) -> None:
-        journaled = self.poll(name)
-        if journaled and self._scheduler is not None:
-            self._scheduler.modify_job("resolve", next_run_time=self.clock())
+        if self.poll(name):
+            self._wake("resolve")
 
     def _resolve_then_deliver(self) -> None:
-        if self.resolve() and self._scheduler is not None:
+        if self.resolve():
             for target in self.rt.sinks:
-                self._scheduler.modify_job(f"deliver:{target}", next_run_time=self.clock())
+                self._wake(f"deliver:{target}")
 
     def stop(self) -> None:
-        """Ask every job to finish its batch, then stop the scheduler."""
+        """Ask every job to finish its batch, then stop the scheduler (jobs are awaited after)."""
         self._stop.set()
         self.notifier.stopping()
         if self._scheduler is not None and self._scheduler.running:
-            self._scheduler.shutdown(wait=True)
+            # Not wait=True: that holds the job-store lock while a finishing job may need it.
+            self._scheduler.shutdown(wait=False)
