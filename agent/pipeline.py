@@ -207,6 +207,27 @@ class StoreView:
             for f in op.canonical
         )
 
+    def related(
+        self, entity: str, system: str, field: str, value: Any
+    ) -> Mapping[str, Mapping[str, SeenValue]]:
+        """Shadows in ``system`` of the ``entity`` records whose ``field`` equals ``value``."""
+        return {
+            cid: {k: SeenValue(v.value, v.source_ts) for k, v in fields.items()}
+            for cid, fields in workflows.related(self.st, entity, system, field, value).items()
+        }
+
+    def pending_values(self, entity: str, canonical_id: str, system: str) -> Mapping[str, Any]:
+        """The canonical values queued, undelivered ops will write to ``system`` (latest wins)."""
+        out: dict[str, Any] = {}
+        for op in outbox.pending_for(self.st, entity, canonical_id):
+            if op.target == system:
+                out.update(op.canonical)
+        return out
+
+    def workflow_status(self, instance_key: str) -> str | None:
+        """The status of a workflow instance, or None."""
+        return workflows.status_of(self.st, instance_key)
+
 
 def resolve_pending(st: State, resolver: Resolver, *, limit: int = 5000) -> int:
     """Resolve journal entries after the resolver's checkpoint; return how many were resolved."""
@@ -247,27 +268,6 @@ def resolve_pending(st: State, resolver: Resolver, *, limit: int = 5000) -> int:
     )
     release_blocked(st, resolver, arrived)
     return len(entries)
-
-    def related(
-        self, entity: str, system: str, field: str, value: Any
-    ) -> Mapping[str, Mapping[str, SeenValue]]:
-        """Shadows in ``system`` of the ``entity`` records whose ``field`` equals ``value``."""
-        return {
-            cid: {k: SeenValue(v.value, v.source_ts) for k, v in fields.items()}
-            for cid, fields in workflows.related(self.st, entity, system, field, value).items()
-        }
-
-    def pending_values(self, entity: str, canonical_id: str, system: str) -> Mapping[str, Any]:
-        """The canonical values queued, undelivered ops will write to ``system`` (latest wins)."""
-        out: dict[str, Any] = {}
-        for op in outbox.pending_for(self.st, entity, canonical_id):
-            if op.target == system:
-                out.update(op.canonical)
-        return out
-
-    def workflow_status(self, instance_key: str) -> str | None:
-        """The status of a workflow instance, or None."""
-        return workflows.status_of(self.st, instance_key)
 
 
 def apply_decision(st: State, entry: JournalEntry, d: Decision) -> None:
