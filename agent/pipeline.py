@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from agent.errors import PermanentError, RetryableError
+from agent.errors import DataError, PermanentError, RetryableError
 from agent.logging import log_event
 from agent.model import Batch, Cursor, JournalEntry, Op, Outcome, utcnow
-from agent.resolve import Decision, Resolver, SeenValue, writeback_ops
+from agent.resolve import Decision, Resolver, SeenValue, is_first_copy, narrow_to_owner, writeback_ops
 from agent.retry import RetryPolicy, retry_after_of
 from agent.workflows import runner
 from connectors.base import Resync, Sink, Source
@@ -406,6 +406,7 @@ def deliver(
     ops = outbox.claim_due(st, sink.name, now=now, limit=limit)
     if not ops:
         return DeliverResult(sink.name, 0, 0, 0)
+    ops = [_narrow_if_replayed(st, resolver, op) for op in ops]
     try:
         outcomes = sink.apply(ops)
     except RetryableError as exc:
@@ -472,13 +473,38 @@ def _retry_all(st: State, ops: list[Op], exc: RetryableError, policy: RetryPolic
     )
 
 
+def _narrow_if_replayed(st: State, resolver: Resolver, op: Op) -> Op:
+    """A first copy whose record meanwhile exists in the target writes only its source's fields.
+
+    A create that was applied but not recorded (a crash) comes again after a restart; by then
+    the target's record may have been edited. Replaying its first values would overwrite
+    those edits, and since the agent's own writes come back as echoes nothing would correct
+    them. Once the record is linked, only the fields the source owns still belong to it.
+    """
+    if op.action != "upsert" or op.source_seq is None or not is_first_copy(resolver.config, op):
+        return op
+    if xref.external_id(st, op.entity, op.canonical_id, op.target) is None:
+        return op
+    row = journal.get(st, op.source_seq)
+    if row is None:
+        return op
+    return narrow_to_owner(resolver.config, op, row.entry.change.source)
+
+
 def _applied(st: State, resolver: Resolver, op: Op, out: Outcome) -> list[str]:
     outbox.mark_applied(st, _id(op), out.external_id or "", out.version)
     arrived: list[str] = []
     if op.action == "unit":
         arrived = runner.applied_unit(st, resolver.config, op, out)
     elif op.action == "upsert" and out.external_id:
-        if xref.link(st, op.entity, op.canonical_id, op.target, out.external_id):
+        try:
+            linked = xref.link(st, op.entity, op.canonical_id, op.target, out.external_id)
+        except DataError as exc:
+            _link_conflict(st, op, out, exc)
+            linked = False
+        # A first copy writes its id back even when the link already existed: after a crash
+        # between apply and record, the target's echo may have linked it first.
+        if linked or is_first_copy(resolver.config, op):
             members = xref.members(st, op.entity, op.canonical_id)
             outbox.enqueue(st, writeback_ops(resolver.config, op, out.external_id, members))
     if op.canonical and op.action != "unit":
@@ -489,6 +515,26 @@ def _applied(st: State, resolver: Resolver, op: Op, out: Outcome) -> list[str]:
         journal.set_fate(st, [(op.source_seq, "applied", f"{op.target}:{out.external_id}")])
     runner.step_done(st, op, out)
     return arrived
+
+
+def _link_conflict(st: State, op: Op, out: Outcome, exc: DataError) -> None:
+    """The target answered with an id other than the one already linked: a duplicate to review."""
+    exceptions.open_item(
+        st,
+        kind="xref_conflict",
+        reason="linked_to_another_record",
+        detail=str(exc),
+        trace_id=op.trace_id,
+        source=op.target,
+        entity=op.entity,
+        canonical_id=op.canonical_id,
+        record={"object": op.object_name, "key": dict(op.key), "external_id": out.external_id},
+        op_id=op.op_id,
+        journal_seq=op.source_seq,
+    )
+    log_event(
+        logger, "xref_conflict", target=op.target, op_id=op.op_id, trace_id=op.trace_id, level=logging.WARNING
+    )
 
 
 def _rejected(st: State, op: Op, out: Outcome) -> None:

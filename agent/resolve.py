@@ -13,7 +13,7 @@ add their ops, problems and instances; a first copy a workflow claims is left to
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -374,6 +374,8 @@ class _Resolution:
             if target not in rule.columns:
                 continue
             theirs = seen_target.get(fname)
+            if theirs is not None and theirs.value == value:
+                continue  # the target already holds this value: in step, nothing to send or audit
             before = seen_before.get(fname)
             other_changed = (
                 theirs is not None
@@ -594,3 +596,25 @@ def writeback_ops(config: Config, created: Op, external_id: str, members: Mappin
             )
         )
     return ops
+
+
+def is_first_copy(config: Config, op: Op) -> bool:
+    """Tell whether ``op`` creates-or-updates by external id (the target's own key unknown)."""
+    entity = config.entities.get(op.entity)
+    if entity is None or op.target not in entity.systems:
+        return False
+    return entity.systems[op.target].key not in op.key
+
+
+def narrow_to_owner(config: Config, op: Op, source: str) -> Op:
+    """The same op writing only the fields ``source`` owns (and the link fields)."""
+    entity = config.entities[op.entity]
+    tm = entity.systems[op.target]
+    owned_native = {
+        r.columns[op.target] for r in entity.fields.values() if r.owner == source and op.target in r.columns
+    }
+    fields = {k: v for k, v in op.fields.items() if k in owned_native or k == tm.external_id}
+    canonical = {
+        k: v for k, v in op.canonical.items() if entity.fields.get(k) and entity.fields[k].owner == source
+    }
+    return replace(op, fields=fields, canonical=canonical)
