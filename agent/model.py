@@ -7,11 +7,12 @@ Decimal, datetime, date, list, dict), and are never mutated after construction.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 ChangeOp = Literal["insert", "update", "delete", "read", "truncate"]
 OpAction = Literal["upsert", "delete", "unit"]
@@ -87,6 +88,82 @@ class Change:
     unchanged: frozenset[str] = frozenset()
     old_key: Mapping[str, Any] | None = None
     trace_id: str = field(default_factory=new_trace_id)
+
+
+class _ChangeBuilder:
+    """Change's slot layout without the frozen guard: stores each field, then becomes a Change.
+
+    A frozen dataclass sets every field through ``object.__setattr__``, which costs about
+    2 us for Change's 13 fields; plain slot stores cost a fifth of that, and capture builds
+    one Change per row. The ``__class__`` assignment needs the exact same slots in the same
+    order, so a field added to Change and not here fails loudly instead of building half.
+    """
+
+    __slots__ = (
+        "source", "stream", "object_name", "op", "key", "fields", "position", "version",
+        "source_ts", "origin", "unchanged", "old_key", "trace_id",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        source: str,
+        stream: str,
+        object_name: str,
+        op: ChangeOp,
+        key: Mapping[str, Any],
+        fields: Mapping[str, Any],
+        position: str,
+        version: str,
+        source_ts: datetime | None,
+        origin: str | None,
+        unchanged: frozenset[str],
+        old_key: Mapping[str, Any] | None,
+        trace_id: str,
+    ) -> None:
+        self.source = source
+        self.stream = stream
+        self.object_name = object_name
+        self.op = op
+        self.key = key
+        self.fields = fields
+        self.position = position
+        self.version = version
+        self.source_ts = source_ts
+        self.origin = origin
+        self.unchanged = unchanged
+        self.old_key = old_key
+        self.trace_id = trace_id
+        self.__class__ = Change  # type: ignore[assignment]
+
+
+class _BuildChange(Protocol):
+    def __call__(
+        self,
+        source: str,
+        stream: str,
+        object_name: str,
+        op: ChangeOp,
+        key: Mapping[str, Any],
+        fields: Mapping[str, Any],
+        position: str,
+        version: str,
+        source_ts: datetime | None,
+        origin: str | None,
+        unchanged: frozenset[str],
+        old_key: Mapping[str, Any] | None,
+        trace_id: str,
+    ) -> Change: ...
+
+
+# ``build_change(...)`` returns what ``Change(...)`` of all fields, given in order, returns
+# (an equal, frozen Change), at about a fifth of the cost.
+build_change: _BuildChange = _ChangeBuilder  # type: ignore[assignment]
+
+
+def new_trace_ids(n: int) -> list[str]:
+    """Return ``n`` fresh trace ids (as ``new_trace_id``) from one call to the OS's random source."""
+    raw = os.urandom(8 * n).hex()
+    return [raw[i : i + 16] for i in range(0, 16 * n, 16)]
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,14 +33,23 @@ FATES = OPEN_FATES | SETTLED_FATES
 
 _PRUNE_CHUNK = 10_000
 
-_INSERT = (
-    "INSERT INTO journal (source, stream, object_name, op, key, fields, unchanged, old_key,"
-    " position, version, source_ts, origin, trace_id, captured_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-    # Only a duplicate source position is skipped; a NOT NULL or CHECK violation still raises
-    # (INSERT OR IGNORE would silently drop such a row too).
-    " ON CONFLICT (source, position) DO NOTHING"
+_COLUMNS = (
+    "source, stream, object_name, op, key, fields, unchanged, old_key, position, version, source_ts,"
+    " origin, trace_id, captured_at"
 )
+_WIDTH = 14
+# Rows per INSERT. One multi-row statement costs ~1 us a row less than executemany, which
+# runs one statement per row (and with AUTOINCREMENT updates sqlite_sequence after each).
+_ROWS_PER_STATEMENT = 500
+# Only a duplicate source position is skipped; a NOT NULL or CHECK violation still raises
+# (INSERT OR IGNORE would silently drop such a row too).
+_ON_CONFLICT = " ON CONFLICT (source, position) DO NOTHING"
+
+
+def _insert_sql(rows: int) -> str:
+    one = "(" + ", ".join("?" * _WIDTH) + ")"
+    return f"INSERT INTO journal ({_COLUMNS}) VALUES " + ", ".join([one] * rows) + _ON_CONFLICT
+
 
 _SET_FATE = (
     "UPDATE journal SET status = 'resolved', fate = ?, fate_detail = ?"
@@ -77,29 +86,34 @@ def append(st: State, changes: Sequence[Change], *, captured_at: datetime | None
     at = codec.format_ts(captured_at or utcnow())
     dumps = codec.dumps
     fmt = codec.format_ts
-    # Encode before taking the write lock, so the lock is held only for the inserts.
-    rows = [
-        (
-            c.source,
-            c.stream,
-            c.object_name,
-            c.op,
-            dumps(c.key),
-            dumps(c.fields),
+    # Encode before taking the write lock, so the lock is held only for the inserts. The
+    # changes of one transaction share their commit time: format it once.
+    params: list[object] = []
+    extend = params.extend
+    last_ts: datetime | None = None
+    last_ts_text: str | None = None
+    for c in changes:
+        ts = c.source_ts
+        if ts is not last_ts:
+            last_ts = ts
+            last_ts_text = None if ts is None else fmt(ts)
+        old_key = c.old_key
+        extend((
+            c.source, c.stream, c.object_name, c.op, dumps(c.key), dumps(c.fields),
             dumps(sorted(c.unchanged)) if c.unchanged else "[]",
-            None if c.old_key is None else dumps(c.old_key),
-            c.position,
-            c.version,
-            None if c.source_ts is None else fmt(c.source_ts),
-            c.origin,
-            c.trace_id,
-            at,
-        )
-        for c in changes
-    ]
+            None if old_key is None else dumps(old_key),
+            c.position, c.version, last_ts_text, c.origin, c.trace_id, at,
+        ))  # fmt: skip
+    step = _ROWS_PER_STATEMENT * _WIDTH
+    full = _insert_sql(_ROWS_PER_STATEMENT) if len(params) >= step else ""
+    added = 0
     with st.write_txn(), classify_sqlite(st.path):
-        cur = st.conn.executemany(_INSERT, rows)
-    return cur.rowcount
+        execute = st.conn.execute
+        for start in range(0, len(params), step):
+            part = params[start : start + step]
+            sql = full if len(part) == step else _insert_sql(len(part) // _WIDTH)
+            added += execute(sql, part).rowcount
+    return added
 
 
 def _entry(r: sqlite3.Row, times: dict[str, datetime]) -> JournalEntry:

@@ -37,6 +37,7 @@ __all__ = [
     "Origin",
     "PgOutputDecodeError",
     "Relation",
+    "RowChange",
     "Truncate",
     "TypeInfo",
     "Update",
@@ -213,6 +214,9 @@ class LogicalMessage:
 # Everything Decoder.decode can return.
 Message = Begin | Commit | Origin | Relation | TypeInfo | Insert | Update | Delete | Truncate | LogicalMessage
 
+# What Decoder.row_change returns: (tag, relation, old, old_kind, new).
+RowChange = tuple[int, Relation, tuple[object, ...] | None, str | None, tuple[object, ...] | None]
+
 # What indexing past the end and short struct reads raise on a truncated buffer.
 _DECODE_FAILURES = (IndexError, struct.error)
 
@@ -286,10 +290,12 @@ def _end(data: bytes, pos: int, what: str) -> None:
 class Decoder:
     """Decodes pgoutput v1 messages one at a time, remembering Relation and Type messages."""
 
-    __slots__ = ("_relations", "_relations_view", "_types", "_types_view")
+    __slots__ = ("_names", "_relations", "_relations_view", "_types", "_types_view")
 
     def __init__(self) -> None:
         self._relations: dict[int, Relation] = {}
+        # Column names per relation id, for plain_row (absent where two columns share a name).
+        self._names: dict[int, tuple[str, ...]] = {}
         self._types: dict[int, TypeInfo] = {}
         self._relations_view = MappingProxyType(self._relations)
         self._types_view = MappingProxyType(self._types)
@@ -312,52 +318,14 @@ class Decoder:
             tag = data[0]
         except IndexError:
             raise PgOutputDecodeError("empty message", 0) from None
-        # Row changes dominate the stream, so they are tested first and parsed inline.
+        # Row changes dominate the stream, so they are tested first.
         if tag == 73 or tag == 85 or tag == 68:
-            try:
-                rel = self._relations[_I(data, 1)[0]]
-            except KeyError:
-                raise PgOutputDecodeError(f"unknown relation id {_I(data, 1)[0]}", 1) from None
-            except struct.error:
-                raise PgOutputDecodeError(f"truncated {_TAG_NAMES[tag]} message", len(data)) from None
-            ncols = len(rel.columns)
-            try:
-                marker = data[5]
-            except IndexError:
-                raise PgOutputDecodeError(f"truncated {_TAG_NAMES[tag]} message", len(data)) from None
+            _, rel, old, old_kind, new = self.row_change(data)
             if tag == 73:
-                if marker != 78:
-                    raise PgOutputDecodeError("Insert without 'N' tuple", 5)
-                new, pos = _tuple(data, 6)
-                if pos != len(data) or len(new) != ncols:
-                    self._check_row(data, pos, "Insert", rel, new, 6)
-                return Insert(rel, new)
+                return Insert(rel, new)  # type: ignore[arg-type]
             if tag == 85:
-                if marker == 78:
-                    new, pos = _tuple(data, 6)
-                    if pos != len(data) or len(new) != ncols:
-                        self._check_row(data, pos, "Update", rel, new, 6)
-                    return Update(rel, None, None, new)
-                if marker != 75 and marker != 79:
-                    raise PgOutputDecodeError("Update without 'K', 'O' or 'N' tuple", 5)
-                old, pos = _tuple(data, 6)
-                if len(old) != ncols:
-                    self._check_row(data, pos, "Update", rel, old, 6)
-                try:
-                    if data[pos] != 78:
-                        raise PgOutputDecodeError("Update without 'N' tuple", pos)
-                except IndexError:
-                    raise PgOutputDecodeError("truncated Update message", len(data)) from None
-                new, end = _tuple(data, pos + 1)
-                if end != len(data) or len(new) != ncols:
-                    self._check_row(data, end, "Update", rel, new, pos + 1)
-                return Update(rel, old, "K" if marker == 75 else "O", new)
-            if marker != 75 and marker != 79:
-                raise PgOutputDecodeError("Delete without 'K' or 'O' tuple", 5)
-            old, pos = _tuple(data, 6)
-            if pos != len(data) or len(old) != ncols:
-                self._check_row(data, pos, "Delete", rel, old, 6)
-            return Delete(rel, old, "K" if marker == 75 else "O")
+                return Update(rel, old, old_kind, new)  # type: ignore[arg-type]
+            return Delete(rel, old, old_kind)  # type: ignore[arg-type]
         if tag == 66:
             return self._begin(data)
         if tag == 67:
@@ -376,6 +344,114 @@ class Decoder:
         raise PgOutputDecodeError(f"unknown message tag 0x{tag:02x}{shown} for proto_version 1", 0)
 
     decode_row = decode
+
+    def row_change(self, data: bytes) -> RowChange:
+        """Decode an Insert, Update or Delete without building its message object.
+
+        Returns ``(tag, relation, old, old_kind, new)``: tag 73 ('I'), 85 ('U') or 68 ('D');
+        ``old``/``old_kind`` are None where the message has no old tuple, ``new`` is None for
+        a Delete. The capture hot path uses this; :meth:`decode` is built on it, so both
+        accept and reject exactly the same bytes.
+        """
+        if type(data) is not bytes:
+            data = bytes(data)
+        try:
+            tag = data[0]
+            rel = self._relations[_I(data, 1)[0]]
+            marker = data[5]
+        except KeyError:
+            raise PgOutputDecodeError(f"unknown relation id {_I(data, 1)[0]}", 1) from None
+        except (IndexError, struct.error):
+            if not data:
+                raise PgOutputDecodeError("empty message", 0) from None
+            what = _TAG_NAMES.get(data[0])
+            if what not in ("Insert", "Update", "Delete"):
+                raise PgOutputDecodeError(f"message tag 0x{data[0]:02x} is not a row change", 0) from None
+            raise PgOutputDecodeError(f"truncated {what} message", len(data)) from None
+        ncols = len(rel.columns)
+        if tag == 73:
+            if marker != 78:
+                raise PgOutputDecodeError("Insert without 'N' tuple", 5)
+            new, pos = _tuple(data, 6)
+            if pos != len(data) or len(new) != ncols:
+                self._check_row(data, pos, "Insert", rel, new, 6)
+            return 73, rel, None, None, new
+        if tag == 85:
+            if marker == 78:
+                new, pos = _tuple(data, 6)
+                if pos != len(data) or len(new) != ncols:
+                    self._check_row(data, pos, "Update", rel, new, 6)
+                return 85, rel, None, None, new
+            if marker != 75 and marker != 79:
+                raise PgOutputDecodeError("Update without 'K', 'O' or 'N' tuple", 5)
+            old, pos = _tuple(data, 6)
+            if len(old) != ncols:
+                self._check_row(data, pos, "Update", rel, old, 6)
+            try:
+                if data[pos] != 78:
+                    raise PgOutputDecodeError("Update without 'N' tuple", pos)
+            except IndexError:
+                raise PgOutputDecodeError("truncated Update message", len(data)) from None
+            new, end = _tuple(data, pos + 1)
+            if end != len(data) or len(new) != ncols:
+                self._check_row(data, end, "Update", rel, new, pos + 1)
+            return 85, rel, old, "K" if marker == 75 else "O", new
+        if tag != 68:
+            raise PgOutputDecodeError(f"message tag 0x{tag:02x} is not a row change", 0)
+        if marker != 75 and marker != 79:
+            raise PgOutputDecodeError("Delete without 'K' or 'O' tuple", 5)
+        old, pos = _tuple(data, 6)
+        if pos != len(data) or len(old) != ncols:
+            self._check_row(data, pos, "Delete", rel, old, 6)
+        return 68, rel, old, "K" if marker == 75 else "O", None
+
+    def plain_row(
+        self, data: bytes, _H=_H, _I=_I
+    ) -> tuple[int, Relation, dict[str, str | None], str | None] | None:
+        """Decode the common row change straight into ``{column: text or None}``, or return None.
+
+        Handles an Insert, an Update without an old tuple, and a Delete, whose columns are all
+        text or NULL: ``(tag, relation, values, old_kind)``, ``old_kind`` being None except
+        for a Delete ('K' or 'O', as in :class:`Delete`; its values are the old row's). Anything
+        else, malformed input included, returns None, and :meth:`row_change` or
+        :meth:`decode` then gives the full answer (or error). This skips the intermediate
+        tuple and message object of the general path.
+        """
+        if type(data) is not bytes:
+            return None
+        try:
+            tag = data[0]
+            marker = data[5]
+            if tag == 73 or tag == 85:
+                if marker != 78:
+                    return None
+                old_kind = None
+            elif tag == 68 and (marker == 75 or marker == 79):
+                old_kind = "K" if marker == 75 else "O"
+            else:
+                return None
+            relid = _I(data, 1)[0]
+            names = self._names.get(relid)
+            if names is None or _H(data, 6)[0] != len(names):
+                return None
+            values: dict[str, str | None] = {}
+            pos = 8
+            for name in names:
+                kind = data[pos]
+                if kind == 116:  # 't'
+                    start = pos + 5
+                    pos = start + _I(data, pos + 1)[0]
+                    values[name] = data[start:pos].decode()
+                elif kind == 110:  # 'n'
+                    values[name] = None
+                    pos += 1
+                else:  # 'u' (unchanged TOAST) or 'b': the general path
+                    return None
+        except (IndexError, struct.error, UnicodeDecodeError):
+            return None
+        if pos != len(data):
+            return None
+        return tag, self._relations[relid], values, old_kind
 
     @staticmethod
     def _check_row(
@@ -449,6 +525,11 @@ class Decoder:
         _end(data, pos, "Relation")
         rel = Relation(relid, namespace or "pg_catalog", name, replident, tuple(columns))
         self._relations[relid] = rel
+        names = tuple(c.name for c in columns)
+        if len(set(names)) == len(names):
+            self._names[relid] = names
+        else:
+            self._names.pop(relid, None)
         return rel
 
     def _truncate(self, data: bytes) -> Truncate:

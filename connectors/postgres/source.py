@@ -11,7 +11,6 @@ the changes. A huge transaction therefore spans many chunks without being held i
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,7 +19,7 @@ from typing import Any
 import psycopg
 
 from agent.errors import CursorUnavailable, PermanentError
-from agent.model import Batch, Change, ChangeOp, Cursor, Problem, utcnow
+from agent.model import Batch, Change, ChangeOp, Cursor, Problem, build_change, new_trace_ids, utcnow
 from connectors.postgres import slot as slots
 from connectors.postgres.checks import check
 from connectors.postgres.errors import classify_pg
@@ -41,12 +40,16 @@ from connectors.postgres.pgoutput import (
 )
 from connectors.postgres.resync import CURSOR_VERSION, resync_batches
 from connectors.postgres.slot import SlotLag, TableSpec
-from connectors.postgres.values import Converter, PgValueError, row_converters
+from connectors.postgres.values import SCALAR_OIDS, Converter, PgValueError, row_converters
 
 logger = logging.getLogger(__name__)
 
 STREAM = "wal"
 _MAX_UNCONSUMED_MARKS = 10_000
+# Types whose converted values are immutable and whose text tends to repeat across rows.
+_MEMO_TYPES = frozenset({"timestamptz", "timestamp", "date"})
+_MEMO_SIZE = 4096
+_NO_COLUMNS: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +62,11 @@ class _Plan:
     converters: tuple[Converter | None, ...]
     key: tuple[tuple[str, int], ...]
     identity: tuple[int, ...]
+    # The hot path's view: only the columns that convert, with a memo for types whose text
+    # repeats within a transaction (a now() default or trigger stamps every row alike).
+    converting: tuple[tuple[str, Converter, dict[str, object] | None], ...]
+    key_names: tuple[str, ...]
+    identity_names: tuple[str, ...]
 
 
 class _Poll:
@@ -299,51 +307,133 @@ class PostgresSource:
             )
         if rel.replident == "f":
             identity = tuple(range(len(names)))
+        converters = row_converters(rel.columns, poll.decoder.types)
+        converting: tuple[tuple[str, Converter, dict[str, object] | None], ...] = tuple(
+            (col.name, conv, {} if SCALAR_OIDS.get(col.type_oid) in _MEMO_TYPES else None)
+            for col, conv in zip(rel.columns, converters, strict=True)
+            if conv is not None
+        )
         return _Plan(
             relation=rel,
             object_name=rel.qualified_name,
             names=names,
-            converters=row_converters(rel.columns, poll.decoder.types),
+            converters=converters,
             key=tuple((k, position[k]) for k in key_names),
             identity=identity,
+            converting=converting,
+            # The hot path reads the key from the fields dict, so it needs distinct names.
+            key_names=tuple(key_names) if len(set(names)) == len(names) else (),
+            identity_names=tuple(names[i] for i in identity),
         )
 
     def _decode(self, poll: _Poll, rows: Sequence[bytes]) -> list[Change]:
         out: list[Change] = []
-        decode = poll.decoder.decode
+        append = out.append
+        decoder = poll.decoder
+        decode, plain_row = decoder.decode, decoder.plain_row
+        source = self.name
         first_mark = True
+        last_rel: Relation | None = None
+        plan: _Plan | None = None
+        index = poll.index
         # One urandom call per chunk instead of a uuid4 per change: same 16-hex-digit trace id.
-        ids = os.urandom(8 * len(rows)).hex()
-        for j, data in enumerate(rows):
-            msg = decode(data)
-            if isinstance(msg, Insert | Update | Delete):
-                index = poll.index
-                poll.index += 1
-                plan = self._plan(msg.relation, poll)
+        for data, trace_id in zip(rows, new_trace_ids(len(rows)), strict=True):
+            # The common case, inline: a row change of text/NULL columns (see plain_row).
+            plain = plain_row(data)
+            if plain is not None:
+                tag, rel, _, old_kind = plain
+                fields: dict[str, Any] = plain[2]
+                this = index
+                index += 1
+                if rel is not last_rel:
+                    plan = self._plan(rel, poll)
+                    last_rel = rel
+                if plan is None:
+                    continue
+                change = None
+                key_names = plan.key_names
+                if key_names:
+                    try:
+                        for column, conv, memo in plan.converting:
+                            v = fields[column]
+                            if type(v) is str:
+                                if memo is None:
+                                    fields[column] = conv(v)
+                                else:
+                                    c = memo.get(v)
+                                    if c is None:
+                                        c = conv(v)
+                                        if len(memo) >= _MEMO_SIZE:
+                                            memo.clear()
+                                        memo[v] = c
+                                    fields[column] = c
+                    except PgValueError:
+                        pass  # the general path keeps the server's text, and says so
+                    else:
+                        if len(key_names) == 1:
+                            k = key_names[0]
+                            key = {k: fields[k]}
+                        else:
+                            key = {k: fields[k] for k in key_names}
+                        if tag == 73:
+                            op: ChangeOp = "insert"
+                        elif tag == 85:
+                            op = "update"
+                        else:
+                            op = "delete"
+                            if old_kind == "K":
+                                fields = {n: fields[n] for n in plan.identity_names}
+                        version = poll.version
+                        change = build_change(
+                            source, STREAM, plan.object_name, op, key, fields, f"{version}:{this}",
+                            version or "", poll.commit_ts, poll.origin, _NO_COLUMNS, None, trace_id,
+                        )  # fmt: skip
+                if change is None:
+                    msg: Insert | Update | Delete
+                    values = tuple(fields.values())
+                    if tag == 73:
+                        msg = Insert(rel, values)
+                    elif tag == 85:
+                        msg = Update(rel, None, None, values)
+                    else:
+                        msg = Delete(rel, values, old_kind or "K")
+                    change = self._change(poll, plan, msg, this, trace_id)
+                append(change)
+                if first_mark and poll.commit_ts is not None:
+                    self._mark(poll.final_lsn, poll.commit_ts)
+                    first_mark = False
+                continue
+            msg2 = decode(data)
+            if isinstance(msg2, Insert | Update | Delete):
+                this = index
+                index += 1
+                plan = self._plan(msg2.relation, poll)
+                last_rel = msg2.relation
                 if plan is not None:
-                    out.append(self._change(poll, plan, msg, index, ids[16 * j : 16 * j + 16]))
+                    append(self._change(poll, plan, msg2, this, trace_id))
                     if first_mark and poll.commit_ts is not None:
                         self._mark(poll.final_lsn, poll.commit_ts)
                         first_mark = False
-            elif isinstance(msg, Begin):
-                poll.final_lsn = msg.final_lsn
-                poll.version = lsn_to_str(msg.final_lsn)
-                poll.commit_ts = msg.commit_ts
+            elif isinstance(msg2, Begin):
+                poll.final_lsn = msg2.final_lsn
+                poll.version = lsn_to_str(msg2.final_lsn)
+                poll.commit_ts = msg2.commit_ts
                 poll.origin = None
-                poll.index = 0
-            elif isinstance(msg, Commit):
-                poll.last_complete = msg.end_lsn
+                index = 0
+            elif isinstance(msg2, Commit):
+                poll.last_complete = msg2.end_lsn
                 poll.version = None
                 poll.commit_ts = None
-            elif isinstance(msg, Origin):
-                poll.origin = msg.name
-            elif isinstance(msg, Truncate):
-                for rel in msg.relations:
-                    index = poll.index
-                    poll.index += 1
-                    plan = self._plan(rel, poll)
-                    if plan is not None:
-                        out.append(self._truncate(poll, plan, index))
+            elif isinstance(msg2, Origin):
+                poll.origin = msg2.name
+            elif isinstance(msg2, Truncate):
+                for rel in msg2.relations:
+                    this = index
+                    index += 1
+                    tplan = self._plan(rel, poll)
+                    if tplan is not None:
+                        append(self._truncate(poll, tplan, this))
+        poll.index = index
         return out
 
     def _convert(self, plan: _Plan, values: tuple[object, ...]) -> tuple[object, ...]:

@@ -1,0 +1,1 @@
+"""Capture benchmark: the agent against pg_recvlogical on the same WAL."""
