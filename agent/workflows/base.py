@@ -219,7 +219,6 @@ def latest(values: Sequence[Any]) -> str | None:
 def metrics_op(
     ctx: WorkflowContext,
     *,
-    workflow: str,
     instance_key: str,
     deal_entity: EntityConfig,
     deal_cid: str,

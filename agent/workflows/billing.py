@@ -67,7 +67,6 @@ class Billing:
         key = f"{self.name}:{ctx.seq}"
         op = metrics_op(
             ctx,
-            workflow=self.name,
             instance_key=key,
             deal_entity=self.deals,
             deal_cid=deal_cid,

@@ -26,6 +26,7 @@ from agent.workflows.base import (
     WorkflowInstance,
     WorkflowResult,
     follow_up,
+    iso,
     parked,
     shadow_values,
     unit_step,
@@ -108,7 +109,7 @@ class ChangeOrder:
             "old_value": known.get("value"),
             "new_value": rec["new_value"],
             "approved_by": rec.get("approved_by") or f"{self.crm}:{self.orders.systems[self.crm].object}",
-            "approved_at": rec.get("approved_at") or ctx.change.version,
+            "approved_at": rec.get("approved_at") or iso(ctx.change.source_ts),
             "trace_id": ctx.change.trace_id,
             "change_order_ref": ctx.record_id,
         }

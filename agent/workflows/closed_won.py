@@ -24,7 +24,7 @@ from typing import Any
 from agent.config import Config, EntityConfig
 from agent.mapping import EntityMapper
 from agent.model import Op
-from agent.resolve import AuditItem, ProblemItem
+from agent.resolve import AuditItem, ProblemItem, StateView
 from agent.workflows.base import (
     PARKED,
     RUNNING,
@@ -143,7 +143,7 @@ class ClosedWon:
         customer_cid = str(rec[self.customer_field])
         customer = shadow_values(view, self.customers.name, customer_cid, self.crm)
         customer_erp_id = view.external_id(self.customers.name, customer_cid, self.erp)
-        steps = [self._customerunit_step(customer_cid, customer, customer_erp_id, view)]
+        steps = [self._customer_step(customer_cid, customer, customer_erp_id, view)]
 
         deal = self._values(self.deals, rec)
         deal["currency"] = found["currency"]
@@ -166,6 +166,7 @@ class ClosedWon:
         refs = {f: i for f, i in ((self.project_customer_field, 0), (self.project_deal_field, 1)) if f}
         pm = self.projects.systems[self.erp]
         code_column = self.projects.fields["project_code"].columns[self.erp]
+        # A project id derived from the deal's: re-evaluating a parked deal names the same record.
         project_cid = view.find_natural(self.projects.name, "project_code", code) or f"{cid}-project"
         fields = self._native(self.projects, project, refs)
         linked = {**project, **{f: (customer_cid if i == 0 else cid) for f, i in refs.items()}}
@@ -195,8 +196,8 @@ class ClosedWon:
         audit = AuditItem("workflow_started", {"workflow": self.name, "instance": key, "project_code": code})
         return WorkflowResult(instance, ops=(op,), audits=(audit,))
 
-    def _customerunit_step(
-        self, customer_cid: str, customer: Mapping[str, Any], erp_id: str | None, view: Any
+    def _customer_step(
+        self, customer_cid: str, customer: Mapping[str, Any], erp_id: str | None, view: StateView
     ) -> dict[str, Any]:
         cm = self.customers.systems[self.erp]
         if erp_id is not None:  # already in the ERP: the step only finds it, for its id

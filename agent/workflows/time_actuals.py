@@ -68,7 +68,6 @@ class TimeActuals:
         key = f"{self.name}:{ctx.seq}"
         op = metrics_op(
             ctx,
-            workflow=self.name,
             instance_key=key,
             deal_entity=self.deals,
             deal_cid=str(deal_cid),

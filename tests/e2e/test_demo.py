@@ -78,7 +78,11 @@ def test_demo_keep_stays_up_for_exploration_and_cleans_up_on_ctrl_c() -> None:
         status = subprocess.run(
             [sys.executable, "-m", "agent.cli", "-c", str(cfg), "workflows", "--json"],
             cwd=ROOT,
-            env={**env, "SYNCAGENT_DEMO_SF_CLIENT_ID": "syncagent", "SYNCAGENT_DEMO_SF_CLIENT_SECRET": "s3cret"},
+            env={
+                **env,
+                "SYNCAGENT_DEMO_SF_CLIENT_ID": "syncagent",
+                "SYNCAGENT_DEMO_SF_CLIENT_SECRET": "s3cret",
+            },
             capture_output=True,
             text=True,
             timeout=60,

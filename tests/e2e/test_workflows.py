@@ -253,10 +253,13 @@ def test_closed_won_creates_nothing_twice_when_the_resolver_is_rewound_and_the_s
     assert env.cli("checkpoint", "rewind", "erp", "--to", "all", "--yes")[0] == 0
     env.cycle(3)
     assert env.counts() == (1, 1, 1, 0)
-    assert env.sql(
-        "SELECT (SELECT array_agg(xmin::text) FROM erp.customers), (SELECT array_agg(xmin::text)"
-        " FROM erp.contracts), (SELECT array_agg(xmin::text) FROM erp.projects)"
-    ) == rows, "an ERP row was written again"
+    assert (
+        env.sql(
+            "SELECT (SELECT array_agg(xmin::text) FROM erp.customers), (SELECT array_agg(xmin::text)"
+            " FROM erp.contracts), (SELECT array_agg(xmin::text) FROM erp.projects)"
+        )
+        == rows
+    ), "an ERP row was written again"
     assert env.crm_writes() == writes, "the CRM was written again"
     assert len(env.instances("closed_won")) == 1 and env.open_items() == []
 
@@ -298,7 +301,9 @@ def test_closed_won_rolls_the_whole_unit_back_when_one_step_fails_and_retries_it
         "CREATE FUNCTION erp.no_projects() RETURNS trigger LANGUAGE plpgsql AS"
         " $$ BEGIN RAISE EXCEPTION 'projects are closed for the year-end'; END $$"
     )
-    env.sql("CREATE TRIGGER no_projects BEFORE INSERT ON erp.projects FOR EACH ROW EXECUTE FUNCTION erp.no_projects()")
+    env.sql(
+        "CREATE TRIGGER no_projects BEFORE INSERT ON erp.projects FOR EACH ROW EXECUTE FUNCTION erp.no_projects()"
+    )
     opp = env.deal(env.account())
     env.cycle()
     env.win(opp)

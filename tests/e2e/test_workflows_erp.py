@@ -7,7 +7,10 @@ from decimal import Decimal
 
 import pytest
 
-from tests.e2e.test_workflows import Env, wf_env  # noqa: F401 - the fixture
+from tests.e2e import test_workflows as base
+
+Env = base.Env
+wf_env = base.wf_env  # the fixture: one ERP database, one emulator, one state file
 
 pytestmark = [pytest.mark.pg, pytest.mark.e2e]
 
@@ -42,7 +45,9 @@ def test_billing_shows_progress_invoicing_and_payments_in_the_crm_with_the_erp_t
         "INSERT INTO erp.invoices (invoice_no, contract_id, amount, status, posted_at) VALUES"
         " ('INV-1', 1, 20000, 'posted', '2026-01-20 09:00:00+00'), ('INV-2', 1, 9999, 'draft', NULL)"
     )
-    env.sql("INSERT INTO erp.payments (invoice_id, amount, received_at) VALUES (1, 5000, '2026-02-01 12:00:00+00')")
+    env.sql(
+        "INSERT INTO erp.payments (invoice_id, amount, received_at) VALUES (1, 5000, '2026-02-01 12:00:00+00')"
+    )
     env.cycle(2)
     o = env.sf.get("Opportunity", opp) or {}
     assert Decimal(str(o["Invoiced_Amount__c"])) == 20000, "a draft invoice was counted"
@@ -60,8 +65,13 @@ def test_billing_shows_progress_invoicing_and_payments_in_the_crm_with_the_erp_t
 def test_billing_writes_nothing_again_when_the_journal_is_replayed(wf_env: Env) -> None:
     env = wf_env
     opp, project = _won(env)
-    env.sql("INSERT INTO erp.milestones (project_id, name, amount, status) VALUES (%s, 'All', 1, 'completed')", project)
-    env.sql("INSERT INTO erp.invoices (invoice_no, contract_id, amount, status) VALUES ('INV-1', 1, 48000, 'posted')")
+    env.sql(
+        "INSERT INTO erp.milestones (project_id, name, amount, status) VALUES (%s, 'All', 1, 'completed')",
+        project,
+    )
+    env.sql(
+        "INSERT INTO erp.invoices (invoice_no, contract_id, amount, status) VALUES ('INV-1', 1, 48000, 'posted')"
+    )
     env.cycle(2)
     writes, instances = env.crm_writes(), len(env.instances())
     assert env.cli("checkpoint", "rewind", "resolver", "--seq", "0", "--yes")[0] == 0
@@ -128,7 +138,9 @@ def test_change_order_revises_the_contract_and_keeps_its_history_when_approved(w
     )
     assert rev[:4] == (1, 2, 48000, 55000) and rev[4] == [{"due": "2026-06-30", "amount": "55000.00"}]
     assert rev[5] == "Dana Lee" and rev[6].isoformat() == "2026-02-10T15:30:00+00:00" and rev[8] == co
-    trace = [e["trace_id"] for e in env.json("journal", "--limit", "1000")["entries"] if e["key"] == {"Id": co}]
+    trace = [
+        e["trace_id"] for e in env.json("journal", "--limit", "1000")["entries"] if e["key"] == {"Id": co}
+    ]
     assert rev[7] == trace[0], "the revision does not carry the change order's trace id"
     assert env.sql("SELECT value, version FROM erp.contracts") == [(55000, 2)]
     assert Decimal(str((env.sf.get("Opportunity", opp) or {})["Amount"])) == 55000

@@ -51,10 +51,14 @@ class View:
         return self.xref.get((entity, system, external_id))
 
     def external_id(self, entity: str, canonical_id: str, system: str) -> str | None:
-        return next((x for (e, s, x), c in self.xref.items() if (e, s, c) == (entity, system, canonical_id)), None)
+        return next(
+            (x for (e, s, x), c in self.xref.items() if (e, s, c) == (entity, system, canonical_id)), None
+        )
 
     def shadow(self, entity: str, canonical_id: str, system: str) -> Mapping[str, SeenValue]:
-        return {k: SeenValue(v, None) for k, v in self.shadows.get((entity, canonical_id, system), {}).items()}
+        return {
+            k: SeenValue(v, None) for k, v in self.shadows.get((entity, canonical_id, system), {}).items()
+        }
 
     def find_natural(self, entity: str, field: str, value: Any) -> str | None:
         return self.naturals.get((entity, field, value))
@@ -68,7 +72,9 @@ class View:
     def pending_values(self, entity: str, canonical_id: str, system: str) -> Mapping[str, Any]:
         return {}
 
-    def related(self, entity: str, system: str, field: str, value: Any) -> Mapping[str, Mapping[str, SeenValue]]:
+    def related(
+        self, entity: str, system: str, field: str, value: Any
+    ) -> Mapping[str, Mapping[str, SeenValue]]:
         return {}
 
     def workflow_status(self, instance_key: str) -> str | None:
@@ -121,7 +127,10 @@ def test_build_workflows_makes_every_enabled_workflow_when_the_demo_config_loads
     cfg = load_config(demo_config(tmp_path), environ=ENV)
     assert build_workflows(cfg).names() == ["closed_won", "change_order", "billing", "time_actuals"]
     assert cfg.workflows["closed_won"]["trigger_value"] == "won"  # defaults filled in
-    off = load_config(demo_config(tmp_path, replace=("[workflows.billing]\n", "[workflows.billing]\nenabled = false\n")), environ=ENV)
+    off = load_config(
+        demo_config(tmp_path, replace=("[workflows.billing]\n", "[workflows.billing]\nenabled = false\n")),
+        environ=ENV,
+    )
     assert "billing" not in build_workflows(off).names()
 
 
@@ -129,17 +138,61 @@ def test_build_workflows_makes_every_enabled_workflow_when_the_demo_config_loads
     "extra,replace,key",
     [
         ("\n[workflows.upsell]\nenabled = true\n", None, "workflows.upsell"),
-        ("", ("[workflows.closed_won]\n", "[workflows.closed_won]\ncolour = 'red'\n"), "workflows.closed_won.colour"),
-        ("", ("[workflows.closed_won]\n", "[workflows.closed_won]\ndeals = 'deal'\n"), "workflows.closed_won.deals"),
-        ("", ("[workflows.closed_won]\n", "[workflows.closed_won]\ncrm = 'hubspot'\n"), "workflows.closed_won.crm"),
-        ("", ('tax_code = {owner = "crm", erp = "tax_code", crm = "Tax_Code__c"}\n', ""), "workflows.closed_won.deals"),
-        ("", ('project_code = "{service_line}-{crm_id}"', 'project_code = "{region}-{crm_id}"'), "workflows.closed_won.project_code"),
-        ("", ("[workflows.closed_won]\n", "[workflows.closed_won]\ncustomer_creation = 'never'\n"), "workflows.closed_won.customer_creation"),
-        ("", ("[workflows.closed_won]\n", "[workflows.closed_won]\nenabled = 'yes'\n"), "workflows.closed_won.enabled"),
-        ("", ("match_on = \"code\"\n\n[entities.tax_code.fields]", "\n[entities.tax_code.fields]"), "workflows.closed_won.tax_codes"),
-        ("", ('consumed_hours = "Consumed_Hours__c", ', 'overtime = "Overtime__c", '), "workflows.time_actuals.crm_fields.overtime"),
-        ("", ("crm_fields = {delivery_status", "crm_fields = {}\nold_fields = {delivery_status"), "workflows.billing.crm_fields"),
-        ("", ("[workflows.change_order]\n", "[workflows.change_order]\nrevisions = 'project'\n"), "workflows.change_order.revisions"),
+        (
+            "",
+            ("[workflows.closed_won]\n", "[workflows.closed_won]\ncolour = 'red'\n"),
+            "workflows.closed_won.colour",
+        ),
+        (
+            "",
+            ("[workflows.closed_won]\n", "[workflows.closed_won]\ndeals = 'deal'\n"),
+            "workflows.closed_won.deals",
+        ),
+        (
+            "",
+            ("[workflows.closed_won]\n", "[workflows.closed_won]\ncrm = 'hubspot'\n"),
+            "workflows.closed_won.crm",
+        ),
+        (
+            "",
+            ('tax_code = {owner = "crm", erp = "tax_code", crm = "Tax_Code__c"}\n', ""),
+            "workflows.closed_won.deals",
+        ),
+        (
+            "",
+            ('project_code = "{service_line}-{crm_id}"', 'project_code = "{region}-{crm_id}"'),
+            "workflows.closed_won.project_code",
+        ),
+        (
+            "",
+            ("[workflows.closed_won]\n", "[workflows.closed_won]\ncustomer_creation = 'never'\n"),
+            "workflows.closed_won.customer_creation",
+        ),
+        (
+            "",
+            ("[workflows.closed_won]\n", "[workflows.closed_won]\nenabled = 'yes'\n"),
+            "workflows.closed_won.enabled",
+        ),
+        (
+            "",
+            ('match_on = "code"\n\n[entities.tax_code.fields]', "\n[entities.tax_code.fields]"),
+            "workflows.closed_won.tax_codes",
+        ),
+        (
+            "",
+            ('consumed_hours = "Consumed_Hours__c", ', 'overtime = "Overtime__c", '),
+            "workflows.time_actuals.crm_fields.overtime",
+        ),
+        (
+            "",
+            ("crm_fields = {delivery_status", "crm_fields = {}\nold_fields = {delivery_status"),
+            "workflows.billing.crm_fields",
+        ),
+        (
+            "",
+            ("[workflows.change_order]\n", "[workflows.change_order]\nrevisions = 'project'\n"),
+            "workflows.change_order.revisions",
+        ),
     ],
 )
 def test_load_config_names_the_workflow_key_when_a_workflow_table_is_wrong(
@@ -162,7 +215,9 @@ def test_config_example_mentions_every_workflow_key_and_loads_them(tmp_path: Pat
     creds.mkdir()
     for name in ("erp_password", "sf_client_secret", "sf_jwt_key"):
         (creds / name).write_text("x")
-    cfg = load_config(ROOT / "config.example.toml", environ={"SF_CLIENT_ID": "cid", "CREDENTIALS_DIRECTORY": str(creds)})
+    cfg = load_config(
+        ROOT / "config.example.toml", environ={"SF_CLIENT_ID": "cid", "CREDENTIALS_DIRECTORY": str(creds)}
+    )
     assert sorted(build_workflows(cfg).names()) == sorted(WORKFLOW_OPTIONS)
 
 
@@ -174,19 +229,32 @@ def test_closed_won_queues_one_unit_op_with_customer_contract_and_project_when_a
     d = resolver.resolve(_won_change(), view)
     assert d.fate == "queued" and d.problems == ()
     [unit] = [op for op in d.ops if op.action == "unit"]
-    assert (unit.target, unit.idempotency_key, unit.workflow) == ("erp", f"wf:closed_won:{d.canonical_id}", f"closed_won:{d.canonical_id}")
+    assert (unit.target, unit.idempotency_key, unit.workflow) == (
+        "erp",
+        f"wf:closed_won:{d.canonical_id}",
+        f"closed_won:{d.canonical_id}",
+    )
     steps = unit.fields["steps"]
     assert [s["object"] for s in steps] == ["erp.customers", "erp.contracts", "erp.projects"]
-    assert steps[0]["key"] == {"crm_id": "001A"} and steps[0]["fields"] == {"name": "Acme", "customer_no": "C-1"}
+    assert steps[0]["key"] == {"crm_id": "001A"} and steps[0]["fields"] == {
+        "name": "Acme",
+        "customer_no": "C-1",
+    }
     assert steps[1]["key"] == {"crm_id": "006A"} and steps[1]["fields"]["customer_id"] == {"$step": 0}
     assert steps[1]["fields"]["currency"] == "EUR" and steps[1]["fields"]["version"] == 1
     assert steps[2]["key"] == {"project_code": "IMPL-006A"}
-    assert steps[2]["fields"]["contract_id"] == {"$step": 1} and steps[2]["fields"]["customer_id"] == {"$step": 0}
+    assert steps[2]["fields"]["contract_id"] == {"$step": 1} and steps[2]["fields"]["customer_id"] == {
+        "$step": 0
+    }
     assert [i.status for i in d.instances] == ["running"]
-    assert not [op for op in d.ops if op.target == "erp" and op.action == "upsert"], "the generic sync created too"
+    assert not [op for op in d.ops if op.target == "erp" and op.action == "upsert"], (
+        "the generic sync created too"
+    )
 
 
-def test_closed_won_parks_with_every_missing_reference_named_when_the_erp_lacks_them(resolver: Resolver) -> None:
+def test_closed_won_parks_with_every_missing_reference_named_when_the_erp_lacks_them(
+    resolver: Resolver,
+) -> None:
     view = View()
     view.link("customer", "cust1", "crm", "001A")
     d = resolver.resolve(_won_change(Service_Line__c="CLOUD"), view)
@@ -210,7 +278,9 @@ def test_closed_won_parks_when_the_currency_is_not_one_the_legal_entity_allows(r
 
 
 @pytest.mark.parametrize("case", ["open_deal", "already_in_erp", "already_queued"])
-def test_closed_won_is_not_triggered_when_the_deal_is_open_set_up_or_queued(resolver: Resolver, case: str) -> None:
+def test_closed_won_is_not_triggered_when_the_deal_is_open_set_up_or_queued(
+    resolver: Resolver, case: str
+) -> None:
     view = View()
     _reference_data(view)
     view.link("contract", "deal1", "crm", "006A")

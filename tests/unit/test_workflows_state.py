@@ -48,7 +48,9 @@ def test_workflow_record_keeps_the_first_trigger_and_never_leaves_completed_when
     assert workflows.parked_on(st, 7)[0].key == "closed_won:c1" and workflows.parked_on(st, 9) == []
     again = _record(st, "running", trigger_seq=9)
     assert (again.trigger_seq, again.trace_id, again.status) == (7, "a" * 16, "running")
-    assert [s["step"] for s in again.steps] == ["step:parked", "step:running"], "a repeated step was kept twice"
+    assert [s["step"] for s in again.steps] == ["step:parked", "step:running"], (
+        "a repeated step was kept twice"
+    )
     assert workflows.mark_step(st, first.key, "erp:unit", detail={"ids": ["1"]}, completed=True)
     _record(st, "parked")
     done = workflows.get(st, first.key)
@@ -58,7 +60,9 @@ def test_workflow_record_keeps_the_first_trigger_and_never_leaves_completed_when
 
 def test_workflow_latency_reports_p50_p95_and_max_when_instances_completed(st: State) -> None:
     for i in range(20):
-        _record(st, "running", key=f"billing:{i}", workflow="billing", trigger_ts=utcnow() - timedelta(seconds=i))
+        _record(
+            st, "running", key=f"billing:{i}", workflow="billing", trigger_ts=utcnow() - timedelta(seconds=i)
+        )
         workflows.mark_step(st, f"billing:{i}", "crm:Opportunity", completed=True)
     _record(st, "running", key="billing:open", workflow="billing")
     stats = workflows.latency(st)["billing"]
@@ -83,7 +87,15 @@ def test_workflow_mark_failed_only_moves_a_running_instance(st: State) -> None:
 
 def test_related_finds_records_by_a_field_value_through_the_value_index(st: State) -> None:
     for n, contract in enumerate(["k1", "k1", "k2"]):
-        shadow.put(st, "invoice", f"i{n}", {"contract": contract, "amount": str(n)}, system="erp", by_agent=False, source_ts=None)
+        shadow.put(
+            st,
+            "invoice",
+            f"i{n}",
+            {"contract": contract, "amount": str(n)},
+            system="erp",
+            by_agent=False,
+            source_ts=None,
+        )
     found = workflows.related(st, "invoice", "erp", "contract", "k1")
     assert sorted(found) == ["i0", "i1"] and found["i1"]["amount"].value == "1"
     plan = st.conn.execute(
@@ -118,7 +130,23 @@ def test_migration_m002_keeps_outbox_ops_and_never_reuses_a_pruned_op_id(tmp_pat
     s = open_state(path)
     try:
         assert [r.op.idempotency_key for i in (1, 2) if (r := outbox.get(s, i))] == ["k1", "k2"]
-        outbox.enqueue(s, [Op("k4", "erp", "contract", "c", "erp.contracts", "unit", {}, {"steps": []}, "t", workflow="w:1")])
+        outbox.enqueue(
+            s,
+            [
+                Op(
+                    "k4",
+                    "erp",
+                    "contract",
+                    "c",
+                    "erp.contracts",
+                    "unit",
+                    {},
+                    {"steps": []},
+                    "t",
+                    workflow="w:1",
+                )
+            ],
+        )
         (op_id,) = s.conn.execute("SELECT op_id FROM outbox WHERE idempotency_key = 'k4'").fetchone()
         assert op_id == 4, "a pruned op id was handed out again"
         row = outbox.get(s, 4)
