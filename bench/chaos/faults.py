@@ -94,12 +94,6 @@ class AgentProcess:
     def start(self) -> None:
         """Start the daemon (``run`` without ``--once``)."""
         argv = [sys.executable, "-m", "agent.cli", "-c", str(self.config), "--log-format", "json", "run"]
-        limit = self.fsize_limit
-
-        def _limits() -> None:
-            if limit is not None:
-                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
-
         self.proc = subprocess.Popen(
             argv,
             cwd=REPO,
@@ -108,8 +102,9 @@ class AgentProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            preexec_fn=_limits,  # noqa: PLW1509 - only sets an rlimit, before exec
         )
+        if self.fsize_limit is not None:  # the disk is "full": the new process starts without room
+            resource.prlimit(self.proc.pid, resource.RLIMIT_FSIZE, (self.fsize_limit, resource.RLIM_INFINITY))
         self.started_at = time.monotonic()
         self.starts += 1
         pump = threading.Thread(target=self._pump, args=(self.proc,), daemon=True, name="agent-log")

@@ -122,7 +122,7 @@ class Workload:
         rng = self.rng
         n = len(self.records)
         create_p = 0.9 if n < 8 else (0.25 if n < self.max_records else 0.0)
-        if rng.random() < create_p:
+        if n == 0 or rng.random() < create_p:
             step = self._create(rng.choice(SIDES))
         else:
             step = self._update()

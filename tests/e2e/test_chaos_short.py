@@ -56,7 +56,8 @@ def test_chaos_short_profile_loses_duplicates_and_echoes_nothing_when_killed_and
     elapsed = time.monotonic() - started
     assert proc.returncode in (0, 1), f"the harness failed: {proc.stderr[-3000:]}"
     report = json.loads(out.read_text())
-    summary = proc.stdout + json.dumps(report["details"], indent=1, default=str)[:4000]
+    kept = [line for line in proc.stderr.splitlines() if line.startswith("work folder kept")]
+    summary = "\n".join([proc.stdout, *kept, json.dumps(report["details"], indent=1, default=str)[:4000]])
     assert elapsed < 180, f"the short profile took {elapsed:.0f} s"
     faults = report["faults"]
     assert faults["kills"] >= 5 and faults["pg_restarts"] >= 1 and faults["disk_fills"] >= 1, faults
