@@ -23,7 +23,7 @@ from typing import Any
 from agent.errors import DataError, PermanentError, RetryableError
 from agent.logging import log_event
 from agent.model import Batch, Cursor, JournalEntry, Op, Outcome, utcnow
-from agent.resolve import Decision, Resolver, SeenValue, is_first_copy, narrow_to_owner, writeback_ops
+from agent.resolve import Decision, Resolver, SeenValue, is_first_copy, without_fields, writeback_ops
 from agent.retry import RetryPolicy, retry_after_of
 from agent.workflows import runner
 from connectors.base import Resync, Sink, Source
@@ -474,21 +474,23 @@ def _retry_all(st: State, ops: list[Op], exc: RetryableError, policy: RetryPolic
 
 
 def _narrow_if_replayed(st: State, resolver: Resolver, op: Op) -> Op:
-    """A first copy whose record meanwhile exists in the target writes only its source's fields.
+    """A first copy never overwrites a value the target changed after the op was made.
 
-    A create that was applied but not recorded (a crash) comes again after a restart; by then
-    the target's record may have been edited. Replaying its first values would overwrite
-    those edits, and since the agent's own writes come back as echoes nothing would correct
-    them. Once the record is linked, only the fields the source owns still belong to it.
+    A create applied but not recorded (a crash) comes again after a restart; meanwhile the
+    target's record may have been edited, and since the agent's own writes come back as
+    echoes nothing would correct a replay that undid those edits. A field the target changed
+    itself (captured, not written by us) after this op was queued is left out of it.
     """
-    if op.action != "upsert" or op.source_seq is None or not is_first_copy(resolver.config, op):
+    if op.action != "upsert" or op.op_id is None or not is_first_copy(resolver.config, op):
         return op
     if xref.external_id(st, op.entity, op.canonical_id, op.target) is None:
         return op
-    row = journal.get(st, op.source_seq)
+    row = outbox.get(st, op.op_id)
     if row is None:
         return op
-    return narrow_to_owner(resolver.config, op, row.entry.change.source)
+    seen = shadow.get(st, op.entity, op.canonical_id, op.target)
+    newer = {f for f, v in seen.items() if not v.written_by_agent and v.updated_at > row.created_at}
+    return without_fields(resolver.config, op, newer) if newer & set(op.canonical) else op
 
 
 def _applied(st: State, resolver: Resolver, op: Op, out: Outcome) -> list[str]:

@@ -606,15 +606,16 @@ def is_first_copy(config: Config, op: Op) -> bool:
     return entity.systems[op.target].key not in op.key
 
 
-def narrow_to_owner(config: Config, op: Op, source: str) -> Op:
-    """The same op writing only the fields ``source`` owns (and the link fields)."""
+def without_fields(config: Config, op: Op, names: set[str]) -> Op:
+    """The same op without the canonical fields ``names`` (and their native columns)."""
     entity = config.entities[op.entity]
-    tm = entity.systems[op.target]
-    owned_native = {
-        r.columns[op.target] for r in entity.fields.values() if r.owner == source and op.target in r.columns
+    columns = {
+        entity.fields[n].columns[op.target]
+        for n in names
+        if n in entity.fields and op.target in entity.fields[n].columns
     }
-    fields = {k: v for k, v in op.fields.items() if k in owned_native or k == tm.external_id}
-    canonical = {
-        k: v for k, v in op.canonical.items() if entity.fields.get(k) and entity.fields[k].owner == source
-    }
-    return replace(op, fields=fields, canonical=canonical)
+    return replace(
+        op,
+        fields={k: v for k, v in op.fields.items() if k not in columns},
+        canonical={k: v for k, v in op.canonical.items() if k not in names},
+    )
