@@ -273,11 +273,14 @@ def _hubspot(
     for obj, (entity, cols) in _fields_of(config, sc.name).items():
         m = entity.systems[sc.name]
         modified = "lastmodifieddate" if obj == "contacts" else "hs_lastmodifieddate"
+        # A deal's company is an association, not a property: read it as associated_company_id.
+        associated = "associated_company_id" in cols
         objects[obj] = HsObject(
             obj,
-            tuple(c for c in cols if c != m.external_id),
+            tuple(c for c in cols if c not in (m.external_id, "associated_company_id")),
             id_property=m.external_id,
             modified_property=modified,
+            associations=("companies",) if associated else (),
         )
     conn = HubSpotConnector(
         sc.name,

@@ -219,10 +219,15 @@ class _Resolution:
         seen_before = view.shadow(name, cid, c.source)
         changed = changed_fields(canonical, {k: v.value for k, v in seen_before.items()})
         flows = self._workflows(cid, canonical, changed, seen_before, new)
-        if not changed and not new and not flows:
+        # A record is in step only where it exists: a target still without a copy (its first
+        # copy failed or was parked, e.g. for a customer not yet linked) gets one now.
+        unlinked = [
+            t for t in self.entity.systems if t != c.source and view.external_id(name, cid, t) is None
+        ]
+        if not changed and not new and not flows and not unlinked:
             return Decision("noop", "in step", entity=name, canonical_id=cid, link=(c.source, self.rid))
         for target in self.entity.systems:
-            if target != c.source:
+            if target != c.source and (changed or new or target in unlinked):
                 self._for_target(target, cid, canonical, changed, seen_before)
         for r in flows:
             self.ops.extend(r.ops)

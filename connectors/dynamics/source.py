@@ -284,7 +284,7 @@ class DvReader:
                 Change(
                     source=self.source,
                     stream=stream,
-                    object_name=table.logical_name,
+                    object_name=table.entity_set,
                     op=op,
                     key={table.primary_key: rid},
                     fields={name: item.get(name) for name in table.fields},

@@ -43,6 +43,9 @@ _TS_PY = "%Y-%m-%dT%H:%M:%S"
 _MAX_RESTARTS = 50
 _PAGES_PER_QUERY = 1000  # NetSuite serves at most 1000 pages of one query
 
+#: How far behind the server's clock a walk stops (timestamps have whole seconds).
+SAFETY_LAG = timedelta(seconds=2)
+
 
 @dataclass(frozen=True, slots=True)
 class StreamSpec:
@@ -126,7 +129,9 @@ class SuiteQLReader:
                 fetch = lambda off, q=sql, s=served: self._page(q, size, off, s)  # noqa: E731
                 for page in offset_pages(fetch, page_size=size):
                     if until is None:
-                        until = served[-1]
+                        # Seconds resolution: a record read and changed again within the same
+                        # second would share its position; stay a safety lag behind the server.
+                        until = served[-1] - SAFETY_LAG
                     total = page.get("totalResults")
                     if total0 is not None and total != total0:
                         logger.info(

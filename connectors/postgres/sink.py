@@ -352,6 +352,12 @@ class PostgresSink:
             return _Written(self._one_id(rows, target), wrote=False)
         if op.action != "upsert":  # pragma: no cover - deletes never reach here
             raise AssertionError(op.action)
+        if set(op.key) == set(target.primary_key):
+            # Keyed by its own id, the record was known to exist: it was deleted in the ERP since.
+            # Re-creating it would undo that delete; a person decides.
+            raise _Refused(
+                Outcome.reject("record_deleted", f"{target.qualified} has no row with that key any more")
+            )
         row = {**op.key, **op.fields}
         query = sql.SQL("INSERT INTO {} ({}) VALUES ({}) RETURNING {}").format(
             table,

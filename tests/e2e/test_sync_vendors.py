@@ -663,7 +663,7 @@ match_on = "code"
 
 [entities.legal_entity.fields]
 code = {{owner = "erp", erp = "code"}}
-currencies = {{owner = "erp", erp = "currencies"}}
+currencies = {{owner = "erp", erp = "currency_codes"}}
 
 [entities.tax_code.systems.erp]
 object = "erp.tax_codes"
