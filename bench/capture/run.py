@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -170,7 +171,7 @@ def setup_bigtx(cluster: LocalCluster, work: Path, p: Profile) -> Setup:
     return Setup("bigtx", dbname, slot, cfg, state, start, consumers.current_lsn(dsn), written)
 
 
-def measure(cluster: LocalCluster, work: Path, s: Setup, repeat: int, full_cycle: bool) -> dict[str, object]:
+def measure(cluster: LocalCluster, work: Path, s: Setup, repeat: int, full_cycle: bool) -> dict[str, Any]:
     """Run both consumers ``repeat`` times on the setup's stream; return its figures."""
     dsn = cluster.dsn(s.dbname)
     master = f"{s.slot}_master"
@@ -223,25 +224,29 @@ def measure(cluster: LocalCluster, work: Path, s: Setup, repeat: int, full_cycle
     }
 
 
-def _table(results: dict[str, dict[str, object]]) -> str:
-    head = ("workload", "changes", "recvlogical/s", "agent/s", "ratio", "target", "agent RSS MiB",
-            "journal = stream", "met")  # fmt: skip
-    rows = [head]
+def _table(results: dict[str, dict[str, Any]]) -> str:
+    head = ("workload", "changes", "WAL MB", "recvlogical s", "changes/s", "agent s", "changes/s",
+            "ratio", "target", "agent RSS MiB", "journal rows", "met")  # fmt: skip
+    rows: list[tuple[str, ...]] = [head]
     for name, r in results.items():
         rc, ag = r["recvlogical"], r["agent"]
-        assert isinstance(rc, dict) and isinstance(ag, dict)
         target = []
         if r["target_ratio"] is not None:
-            target.append(f">= {r['target_ratio']}")
+            target.append(f"ratio >= {r['target_ratio']}")
         if r["target_rss_mib"] is not None:
             target.append(f"RSS < {r['target_rss_mib']:.0f}")
+        journal = "= stream" if r["journal_matches_stream"] else "MISMATCH"
         rows.append((
-            name, f"{r['stream_changes']:,}", f"{rc['changes_per_s']:,}", f"{ag['changes_per_s']:,}",
-            f"{r['ratio']:.2f}", " ".join(target) or "-", f"{ag['max_rss_mib']:.1f}",
-            "yes" if r["journal_matches_stream"] else "NO", "yes" if r["targets_met"] else "NO",
+            name, f"{r['stream_changes']:,}", f"{r['wal_bytes'] / 1e6:.1f}",
+            f"{rc['median_s']:.3f}", f"{rc['changes_per_s']:,}",
+            f"{ag['capture_median_s']:.3f}", f"{ag['changes_per_s']:,}",
+            f"{r['ratio']:.2f}", ", ".join(target) or "-", f"{ag['max_rss_mib']:.1f}",
+            f"{min(ag['journal_rows']):,} {journal}", "yes" if r["targets_met"] else "NO",
         ))  # fmt: skip
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
-    return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = args.only or ["mixed", "pgbench", "bigtx"]
     setups = {"mixed": setup_mixed, "pgbench": setup_pgbench, "bigtx": setup_bigtx}
     started = time.perf_counter()
-    results: dict[str, dict[str, object]] = {}
+    results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="syncagent-bench-") as tmp:
         work = Path(tmp)
         os.chmod(work, 0o755)  # the postgres user must reach the cluster folder inside
@@ -289,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(_table(results))
-    print(f"profile {p.name}, median of {repeat}; agent/s = changes / capture cycle; JSON: {args.out}")
+    print(f"profile {p.name}, median of {repeat} runs; agent s = its capture cycle (connect, peek, decode,"
+          f" journal, advance); JSON: {args.out}")  # fmt: skip
     ok = all(r["journal_matches_stream"] for r in results.values())
     if args.strict:
         ok = ok and all(r["targets_met"] for r in results.values())

@@ -64,6 +64,9 @@ UNCHANGED: Final = _Unchanged()
 # Timestamps on the wire count microseconds from PostgreSQL's epoch.
 _PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
 _LSN_MAX: Final = (1 << 64) - 1
+# Wire timestamps that a datetime can hold: 0001-01-01 .. 9999-12-31T23:59:59.999999 UTC.
+_TS_MIN: Final = -63_082_281_600_000_000
+_TS_MAX: Final = 252_455_615_999_999_999
 
 _H = struct.Struct(">H").unpack_from
 _I = struct.Struct(">I").unpack_from
@@ -350,8 +353,8 @@ class Decoder:
 
         Returns ``(tag, relation, old, old_kind, new)``: tag 73 ('I'), 85 ('U') or 68 ('D');
         ``old``/``old_kind`` are None where the message has no old tuple, ``new`` is None for
-        a Delete. The capture hot path uses this; :meth:`decode` is built on it, so both
-        accept and reject exactly the same bytes.
+        a Delete. :meth:`decode` is built on it, so both accept and reject exactly the same
+        bytes.
         """
         if type(data) is not bytes:
             data = bytes(data)
@@ -452,6 +455,18 @@ class Decoder:
         if pos != len(data):
             return None
         return tag, self._relations[relid], values, old_kind
+
+    def commit_end_lsn(self, data: bytes) -> int | None:
+        """Return a Commit message's ``end_lsn`` without building it; None for anything else.
+
+        None also for a malformed Commit, which :meth:`decode` then reports.
+        """
+        if type(data) is not bytes or len(data) != 26 or data[0] != 67:
+            return None
+        _, _, end_lsn, ts = _COMMIT(data, 1)
+        if not _TS_MIN <= ts <= _TS_MAX:
+            return None
+        return end_lsn
 
     @staticmethod
     def _check_row(

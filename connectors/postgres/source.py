@@ -40,7 +40,13 @@ from connectors.postgres.pgoutput import (
 )
 from connectors.postgres.resync import CURSOR_VERSION, resync_batches
 from connectors.postgres.slot import SlotLag, TableSpec
-from connectors.postgres.values import SCALAR_OIDS, Converter, PgValueError, row_converters
+from connectors.postgres.values import (
+    SCALAR_OIDS,
+    Converter,
+    PgValueError,
+    row_converters,
+    unchecked_converter_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -309,7 +315,11 @@ class PostgresSource:
             identity = tuple(range(len(names)))
         converters = row_converters(rel.columns, poll.decoder.types)
         converting: tuple[tuple[str, Converter, dict[str, object] | None], ...] = tuple(
-            (col.name, conv, {} if SCALAR_OIDS.get(col.type_oid) in _MEMO_TYPES else None)
+            (
+                col.name,
+                unchecked_converter_for(col.type_oid) or conv,
+                {} if SCALAR_OIDS.get(col.type_oid) in _MEMO_TYPES else None,
+            )
             for col, conv in zip(rel.columns, converters, strict=True)
             if conv is not None
         )
@@ -330,7 +340,10 @@ class PostgresSource:
         out: list[Change] = []
         append = out.append
         decoder = poll.decoder
-        decode, plain_row = decoder.decode, decoder.plain_row
+        decode, plain_row, commit_end_lsn = decoder.decode, decoder.plain_row, decoder.commit_end_lsn
+        # By id(): hashing a Relation hashes all its columns. Holding the Relation keeps its
+        # id from being reused for another one during this call.
+        plans: dict[int, tuple[Relation, _Plan | None]] = {}
         source = self.name
         first_mark = True
         last_rel: Relation | None = None
@@ -346,8 +359,11 @@ class PostgresSource:
                 this = index
                 index += 1
                 if rel is not last_rel:
-                    plan = self._plan(rel, poll)
                     last_rel = rel
+                    cached = plans.get(id(rel))
+                    if cached is None:
+                        cached = plans[id(rel)] = (rel, self._plan(rel, poll))
+                    plan = cached[1]
                 if plan is None:
                     continue
                 change = None
@@ -367,7 +383,7 @@ class PostgresSource:
                                             memo.clear()
                                         memo[v] = c
                                     fields[column] = c
-                    except PgValueError:
+                    except (PgValueError, ValueError, ArithmeticError):
                         pass  # the general path keeps the server's text, and says so
                     else:
                         if len(key_names) == 1:
@@ -403,12 +419,19 @@ class PostgresSource:
                     self._mark(poll.final_lsn, poll.commit_ts)
                     first_mark = False
                 continue
+            end_lsn = commit_end_lsn(data)
+            if end_lsn is not None:
+                poll.last_complete = end_lsn
+                poll.version = None
+                poll.commit_ts = None
+                continue
             msg2 = decode(data)
             if isinstance(msg2, Insert | Update | Delete):
                 this = index
                 index += 1
                 plan = self._plan(msg2.relation, poll)
                 last_rel = msg2.relation
+                plans[id(last_rel)] = (last_rel, plan)
                 if plan is not None:
                     append(self._change(poll, plan, msg2, this, trace_id))
                     if first_mark and poll.commit_ts is not None:

@@ -34,6 +34,7 @@ __all__ = [
     "convert_row",
     "converter_for",
     "row_converters",
+    "unchecked_converter_for",
 ]
 
 Converter = Callable[[str], object]
@@ -336,6 +337,22 @@ def converter_for(type_oid: int, typname: str | None = None) -> Converter | None
         return _array_converter(converter_for(element), _ARRAY_DELIMITERS.get(type_oid, ","))
     if type_oid >= _FIRST_NORMAL_OID and typname is not None and typname.startswith("_"):
         return _array_converter(None, ",")
+    return None
+
+
+def unchecked_converter_for(type_oid: int) -> Converter | None:
+    """Return the builtin that :func:`converter_for` wraps, for integer and numeric types.
+
+    It gives the same value for valid text, but signals bad text with ``ValueError`` or
+    ``ArithmeticError`` instead of :class:`PgValueError`; a caller uses it where it can
+    fall back to :func:`converter_for` for the row. None for every other type.
+    """
+    name = SCALAR_OIDS.get(type_oid)
+    converter = _SCALAR_CONVERTERS.get(name) if name is not None else None
+    if converter is _to_int:
+        return int
+    if converter is _to_decimal:
+        return Decimal
     return None
 
 
