@@ -15,7 +15,7 @@ from typing import Any
 
 from agent.config import Config
 from agent.model import utcnow
-from state import checkpoints, exceptions, health, journal, outbox, schema_version
+from state import checkpoints, exceptions, health, journal, outbox, schema_version, workflows
 from state.db import State
 
 STALE_AFTER_POLLS = 10
@@ -57,6 +57,7 @@ class Snapshot:
     journal: Mapping[str, Any]
     problems: list[str] = field(default_factory=list)
     api: Mapping[str, Any] = field(default_factory=dict)
+    business: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (the ``--json`` body)."""
@@ -146,7 +147,39 @@ def snapshot(
         journal={s: {"count": v.count, "pending": v.pending} for s, v in jstats.items()},
         problems=problems,
         api={c: dict(h.detail or {}) for (c, s), h in rows.items() if s == "api"},
+        business=_business(config, st, {c: dict(h.detail or {}) for (c, s), h in rows.items() if s == "api"}),
     )
+
+
+def _business(config: Config, st: State, api: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The figures business people read: closed-won to project, invoicing delay, fates, API budget.
+
+    The invoice-readiness delay is the billing workflow's latency: from the ERP event
+    (milestone completed, invoice posted, payment received) to the CRM showing it.
+    """
+    lat = workflows.latency(st)
+
+    def summary(name: str) -> dict[str, Any] | None:
+        s = lat.get(name)
+        if s is None:
+            return None
+        return {"quantiles": {"0.5": s.p50, "0.95": s.p95, "1": s.max}, "sum": s.total, "count": s.count}
+
+    budget = {}
+    for connector, usage in api.items():
+        limit = (
+            config.systems[connector].options.get("budget_per_day") if connector in config.systems else None
+        )
+        budget[connector] = {"used": usage.get("calls_last_24h", usage.get("calls", 0)), "limit": limit}
+    out: dict[str, Any] = {"journal_fate": journal.fate_counts(st), "api_budget_used": budget}
+    for key, wf in (
+        ("closed_won_to_project_seconds", "closed_won"),
+        ("invoice_readiness_delay_seconds", "billing"),
+    ):
+        value = summary(wf)
+        if value is not None:
+            out[key] = value
+    return out
 
 
 def _judge(

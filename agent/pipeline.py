@@ -23,9 +23,10 @@ from typing import Any
 from agent.errors import DataError, PermanentError, RetryableError
 from agent.logging import log_event
 from agent.model import Batch, Cursor, JournalEntry, Op, Outcome, utcnow
-from agent.resolve import Decision, Resolver, SeenValue, is_first_copy, without_fields, writeback_ops
+from agent.resolve import Decision, Resolver, SeenValue
 from agent.retry import RetryPolicy, retry_after_of
 from agent.workflows import runner
+from agent.writeback import is_first_copy, without_fields, writeback_ops
 from connectors.base import Resync, Sink, Source
 from state import audit, checkpoints, exceptions, journal, outbox, shadow, workflows, xref
 from state.db import State

@@ -13,106 +13,19 @@ add their ops, problems and instances; a first copy a workflow claims is left to
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from agent import ownership
 from agent.config import Config, EntityConfig, SystemMapping
+from agent.decision import AuditItem, Decision, ProblemItem, SeenValue, StateView
 from agent.echo import changed_fields, is_origin_echo
 from agent.errors import DataError
 from agent.mapping import EntityMapper
 from agent.model import Change, JournalEntry, Op
 
 if TYPE_CHECKING:  # the workflows import this module; this one only names their types
-    from agent.workflows.base import WorkflowInstance, WorkflowResult, WorkflowSet
-
-
-@dataclass(frozen=True, slots=True)
-class SeenValue:
-    """A shadow entry as the resolver needs it: the value and when its system changed it."""
-
-    value: Any
-    source_ts: datetime | None
-
-
-class StateView(Protocol):
-    """What the resolver may ask of state (read-only)."""
-
-    def canonical_id(self, entity: str, system: str, external_id: str) -> str | None:
-        """The canonical id linked to a system's record, if any."""
-        ...
-
-    def external_id(self, entity: str, canonical_id: str, system: str) -> str | None:
-        """The id of the canonical record in ``system``, if linked."""
-        ...
-
-    def shadow(self, entity: str, canonical_id: str, system: str) -> Mapping[str, SeenValue]:
-        """Last values the agent saw in, or wrote to, ``system`` for this record."""
-        ...
-
-    def find_natural(self, entity: str, field: str, value: Any) -> str | None:
-        """The canonical id of a record of ``entity`` whose natural key ``field`` equals ``value``."""
-        ...
-
-    def new_canonical_id(self) -> str:
-        """Mint a canonical id."""
-        ...
-
-    def pending_fields(self, entity: str, canonical_id: str, system: str) -> frozenset[str]:
-        """Canonical fields that queued, undelivered ops will write to ``system``."""
-        ...
-
-    def related(
-        self, entity: str, system: str, field: str, value: Any
-    ) -> Mapping[str, Mapping[str, SeenValue]]:
-        """Shadows in ``system`` of the records of ``entity`` whose ``field`` equals ``value``."""
-        ...
-
-    def pending_values(self, entity: str, canonical_id: str, system: str) -> Mapping[str, Any]:
-        """The canonical values queued, undelivered ops will write to ``system`` (latest wins)."""
-        ...
-
-    def workflow_status(self, instance_key: str) -> str | None:
-        """The status of a workflow instance (running, parked, failed, completed), or None."""
-        ...
-
-
-@dataclass(frozen=True, slots=True)
-class ProblemItem:
-    """An exception-queue item the decision opens (``instance_key``: a workflow instance it parks)."""
-
-    kind: str
-    reason: str
-    detail: str
-    field: str | None = None
-    blocking_ref: str | None = None
-    instance_key: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class AuditItem:
-    """An audit row the decision writes."""
-
-    action: str
-    detail: Mapping[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """Everything resolving one change produced; applied atomically by the pipeline."""
-
-    fate: str
-    detail: str | None = None
-    entity: str | None = None
-    canonical_id: str | None = None
-    link: tuple[str, str] | None = None
-    seen: Mapping[str, Any] = field(default_factory=dict)
-    natural: tuple[tuple[str, Any], ...] = ()
-    ops: tuple[Op, ...] = ()
-    problems: tuple[ProblemItem, ...] = ()
-    audits: tuple[AuditItem, ...] = ()
-    instances: tuple[WorkflowInstance, ...] = ()
+    from agent.workflows.base import WorkflowResult, WorkflowSet
 
 
 class Resolver:
@@ -571,56 +484,3 @@ class _Resolution:
 
 def _iso(ts: datetime | None) -> str | None:
     return ts.isoformat() if ts else None
-
-
-def writeback_ops(config: Config, created: Op, external_id: str, members: Mapping[str, str]) -> list[Op]:
-    """Ops that store a newly created record's id in its counterparts' external-id fields.
-
-    Example: a customer created in the ERP from the CRM gets its ERP id written into the
-    CRM account's ``ERP_Id__c``, so the CRM shows it and later matches never depend on us.
-    """
-    entity = config.entities.get(created.entity)
-    if entity is None:
-        return []
-    ops = []
-    for system, m in entity.systems.items():
-        if system == created.target or not m.external_id or system not in members:
-            continue
-        ops.append(
-            Op(
-                idempotency_key=f"writeback:{created.entity}:{created.canonical_id}:{system}:{created.target}:{external_id}",
-                target=system,
-                entity=created.entity,
-                canonical_id=created.canonical_id,
-                object_name=m.object,
-                action="upsert",
-                key={m.key: members[system]},
-                fields={m.external_id: external_id},
-                trace_id=created.trace_id,
-                source_seq=None,
-            )
-        )
-    return ops
-
-
-def is_first_copy(config: Config, op: Op) -> bool:
-    """Tell whether ``op`` creates-or-updates by external id (the target's own key unknown)."""
-    entity = config.entities.get(op.entity)
-    if entity is None or op.target not in entity.systems:
-        return False
-    return entity.systems[op.target].key not in op.key
-
-
-def without_fields(config: Config, op: Op, names: set[str]) -> Op:
-    """The same op without the canonical fields ``names`` (and their native columns)."""
-    entity = config.entities[op.entity]
-    columns = {
-        entity.fields[n].columns[op.target]
-        for n in names
-        if n in entity.fields and op.target in entity.fields[n].columns
-    }
-    return replace(
-        op,
-        fields={k: v for k, v in op.fields.items() if k not in columns},
-        canonical={k: v for k, v in op.canonical.items() if k not in names},
-    )

@@ -18,6 +18,7 @@ from state import (
     migrations,
     outbox,
     shadow,
+    workflows,
     xref,
 )
 from state.audit import AuditRecord
@@ -55,5 +56,6 @@ __all__ = [
     "outbox",
     "schema_version",
     "shadow",
+    "workflows",
     "xref",
 ]

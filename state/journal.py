@@ -287,3 +287,9 @@ def first_seq_at_or_after(st: State, when: datetime) -> int | None:
         (codec.format_ts(when),),
     )
     return None if r is None else int(r["seq"])
+
+
+def fate_counts(st: State) -> dict[str, int]:
+    """How many journal entries (within retention) met each fate; unresolved ones as 'pending'."""
+    rows = fetch_all(st, "SELECT coalesce(fate, 'pending') AS fate, count(*) AS n FROM journal GROUP BY 1")
+    return {r["fate"]: int(r["n"]) for r in rows}

@@ -68,6 +68,7 @@ class LatencyStats:
     p50: float
     p95: float
     max: float
+    total: float = 0.0
 
 
 def _row(r: sqlite3.Row) -> WorkflowRow:
@@ -290,7 +291,7 @@ def _stats(values: list[float]) -> LatencyStats:
     def pick(q: float) -> float:
         return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
-    return LatencyStats(len(ordered), pick(0.5), pick(0.95), ordered[-1])
+    return LatencyStats(len(ordered), pick(0.5), pick(0.95), ordered[-1], sum(ordered))
 
 
 def related(st: State, entity: str, system: str, field: str, value: Any) -> dict[str, dict[str, ShadowValue]]:

@@ -59,7 +59,7 @@ def test_layout_has_no_grab_bag_modules() -> None:
     ("state", {"AuditRecord", "Checkpoint", "CheckpointMove", "ConnectorHealth", "ExceptionItem", "ExceptionStats",
                "JournalRow", "JournalStats", "OutboxDepth", "OutboxRow", "ShadowValue", "State", "audit",
                "checkpoints", "classify_sqlite", "codec", "exceptions", "health", "journal", "migrations",
-               "open_state", "outbox", "schema_version", "shadow", "xref"}),
+               "open_state", "outbox", "schema_version", "shadow", "workflows", "xref"}),
     ("agent", {"__version__"}),
 ])
 def test_layout_public_names_are_pinned(package: str, expected: set[str]) -> None:

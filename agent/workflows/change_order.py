@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from agent.config import Config
+from agent.decision import AuditItem, ProblemItem
 from agent.mapping import EntityMapper
 from agent.model import Op
-from agent.resolve import AuditItem, ProblemItem
 from agent.workflows.base import (
     PARKED,
     RUNNING,

@@ -22,9 +22,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from agent.config import Config, EntityConfig
+from agent.decision import AuditItem, ProblemItem, StateView
 from agent.mapping import EntityMapper
 from agent.model import Op
-from agent.resolve import AuditItem, ProblemItem, StateView
 from agent.workflows.base import (
     PARKED,
     RUNNING,

@@ -18,10 +18,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from agent.config import Config
+from agent.decision import Decision
 from agent.errors import DataError
 from agent.logging import log_event
 from agent.model import Change, JournalEntry, Op, Outcome
-from agent.resolve import Decision
 from agent.workflows.base import PARKED
 from state import exceptions, outbox, shadow, workflows, xref
 from state.db import State

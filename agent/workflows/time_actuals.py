@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 from agent.config import Config
-from agent.resolve import AuditItem
+from agent.decision import AuditItem
 from agent.workflows.base import (
     RUNNING,
     WorkflowContext,

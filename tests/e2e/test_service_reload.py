@@ -73,6 +73,7 @@ def test_service_serves_prometheus_metrics_on_loopback(service) -> None:  # type
         lambda: 'syncagent_changes_captured_total{connector="erp",stream="wal"} 2' in scraped()
     ), scraped()[:2000]
     assert "syncagent_resolver_backlog" in scraped()
+    assert 'syncagent_journal_fate_total{fate="noop"} 2' in scraped()
 
 
 def test_service_rejects_a_broken_config_edit_and_keeps_running(service) -> None:  # type: ignore[no-untyped-def]
