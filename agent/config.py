@@ -65,6 +65,7 @@ CONNECTOR_OPTIONS: dict[str, dict[str, tuple[str, Any]]] = {
         "jwt_audience": ("url", "https://login.salesforce.com"),
         "api_version": ("str", "v62.0"),
         "lookback_seconds": ("int", 300),
+        "safety_lag_seconds": ("float", 2.0),
         "page_size": ("int", 2000),
         "budget_per_day": ("int", None),
         "budget_per_run": ("int", None),

@@ -252,6 +252,7 @@ def _salesforce(
         lookback=timedelta(seconds=o["lookback_seconds"]),
         page_size=o["page_size"],
         budget=ApiBudget(per_day=o["budget_per_day"], per_run=o["budget_per_run"]),
+        safety_lag=timedelta(seconds=o["safety_lag_seconds"]),
     )
     return conn, conn
 

@@ -76,6 +76,8 @@ class AgentRunner:
         self._stopped: set[str] = set()
         self._running = threading.Condition()
         self._active = 0
+        self._busy: set[str] = set()
+        self._rerun: set[str] = set()
 
     # --- state per thread ---------------------------------------------------------------------
     def state(self) -> State:
@@ -373,8 +375,17 @@ class AgentRunner:
                 return
             with self._running:
                 self._active += 1
+                self._busy.add(job)
             try:
-                self._guard(job, connector, fn)
+                while True:
+                    self._guard(job, connector, fn)
+                    with self._running:
+                        # A wake-up that arrived while this job ran would be dropped by
+                        # APScheduler (max_instances=1): honour it now instead of next tick.
+                        if job not in self._rerun or self._stop.is_set():
+                            self._busy.discard(job)
+                            break
+                        self._rerun.discard(job)
             finally:
                 with self._running:
                     self._active -= 1
@@ -399,6 +410,10 @@ class AgentRunner:
         job = sched.get_job(job_id)
         if job is None or job.next_run_time is None:  # paused: waking it would un-pause it
             return
+        with self._running:
+            if job_id in self._busy:
+                self._rerun.add(job_id)
+                return
         try:
             sched.modify_job(job_id, next_run_time=self.clock())
         except Exception:  # noqa: BLE001 - a scheduler shutting down under us: nothing to wake
