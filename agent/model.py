@@ -167,12 +167,28 @@ def new_trace_ids(n: int) -> list[str]:
 
 
 @dataclass(frozen=True, slots=True)
+class Rejected:
+    """A record a source read but could not turn into a change (no id, no version stamp...).
+
+    It travels with its batch and lands in the exception queue in the same transaction as
+    the batch's changes, so a malformed record is neither lost nor able to stall its stream.
+    """
+
+    stream: str
+    record: str
+    field: str | None
+    reason: str
+    payload: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Batch:
     """What one ``Source.read`` returns: changes, the cursor after them, and whether more wait."""
 
     changes: Sequence[Change]
     next_cursor: Cursor
     more: bool = False
+    rejected: Sequence[Rejected] = ()
 
 
 @dataclass(frozen=True, slots=True)

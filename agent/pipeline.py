@@ -13,6 +13,7 @@ outbox's idempotency keys and the sinks' upserts make harmless.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -116,10 +117,35 @@ def _journal_batch(
     """Journal one batch and move the cursor in one transaction; return (new rows, generation)."""
     with st.write_txn():
         n = journal.append(st, batch.changes, captured_at=clock())
+        for bad in batch.rejected:
+            exceptions.open_item(
+                st,
+                kind="capture",
+                reason=bad.reason,
+                detail=f"{bad.record}: {bad.reason}",
+                trace_id=_stable_trace(owner, bad.record, bad.reason),
+                source=owner.partition(":")[2],
+                record=dict(bad.payload),
+                field=bad.field,
+            )
+        if batch.rejected:
+            log_event(
+                logger,
+                "records_rejected_at_capture",
+                source=owner,
+                stream=stream,
+                n=len(batch.rejected),
+                level=logging.WARNING,
+            )
         moved = checkpoints.advance(st, owner, stream, batch.next_cursor, expected_generation=generation)
         if moved is None:
             raise CheckpointMovedError(f"checkpoint {owner}/{stream} was rewound during capture; re-reading")
     return n, moved.generation
+
+
+def _stable_trace(*parts: str) -> str:
+    """A trace id that is the same each time the same bad record is read again (one item, not many)."""
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
 
 
 def run_resync(

@@ -28,7 +28,7 @@ from agent.errors import (
     RetryableError,
     SyncAgentError,
 )
-from agent.model import Batch, Change, Cursor, Op, Outcome, Problem, utcnow
+from agent.model import Batch, Change, Cursor, Op, Outcome, Problem, Rejected, utcnow
 from connectors.http import (
     HttpStatusFailure,
     classify_http,
@@ -172,12 +172,17 @@ class SalesforceConnector:
         )
         signpost = pos.upto or self._signpost(first)
         changes: list[Change] = []
+        rejected: list[Rejected] = []
         last: tuple[datetime, str] | None = None
         more = False
         for page in follow_next_link(self._client, json_body(first), get=self._get_page):
             records = page.get("records") or []
             for record in records:
-                change, stamp = record_to_change(self.name, stream, obj, record)
+                try:
+                    change, stamp = record_to_change(self.name, stream, obj, record)
+                except (KeyError, ValueError, TypeError) as exc:
+                    rejected.append(_rejected(stream, record, exc))
+                    continue
                 if stamp > signpost:
                     break
                 if len(changes) >= limit:
@@ -203,7 +208,7 @@ class SalesforceConnector:
             more,
             signpost.isoformat(),
         )
-        return Batch(changes=changes, next_cursor=next_pos.to_cursor(), more=more)
+        return Batch(changes=changes, next_cursor=next_pos.to_cursor(), more=more, rejected=tuple(rejected))
 
     def cursor_for_time(self, stream: str, when: datetime) -> Cursor:
         """A cursor that re-reads ``stream`` from ``when`` (an operator's rewind)."""
@@ -432,3 +437,16 @@ class SalesforceConnector:
             return self._objects[stream]
         except KeyError:
             raise PermanentError(f"{self.name}: no stream {stream!r}") from None
+
+
+def _rejected(stream: str, record: Mapping[str, Any], exc: Exception) -> Rejected:
+    """A record the API returned without what every change needs (Id, SystemModstamp)."""
+    missing = exc.args[0] if isinstance(exc, KeyError) and exc.args else None
+    reason = f"missing_{str(missing).lower()}" if missing else "unreadable_record"
+    return Rejected(
+        stream=stream,
+        record=f"{stream}:{record.get('Id', '?')}",
+        field=str(missing) if missing else None,
+        reason=reason,
+        payload={k: v for k, v in record.items() if k != "attributes"},
+    )
