@@ -43,6 +43,7 @@ from psycopg import sql
 from agent.errors import AuthError, PermanentError, RetryableError, SyncAgentError
 from agent.model import Op, Outcome, Problem, utcnow
 from connectors.postgres.errors import classify_pg
+from connectors.postgres.sink_checks import check_sink
 from connectors.postgres.units import apply_unit
 
 logger = logging.getLogger(__name__)
@@ -91,21 +92,6 @@ CROSS JOIN LATERAL unnest(s.cols) WITH ORDINALITY AS u(attnum, ord)
 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = u.attnum
 WHERE n.nspname = %(schema)s AND c.relname = %(table)s
 ORDER BY u.ord
-"""
-
-_TABLE_SQL = """
-SELECT c.oid,
-       (SELECT array_agg(a.attname::text ORDER BY u.ord)
-        FROM pg_index i
-        CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS u(attnum, ord)
-        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = u.attnum
-        WHERE i.indrelid = c.oid AND i.indisprimary),
-       has_table_privilege(c.oid, 'SELECT'),
-       has_table_privilege(c.oid, 'INSERT'),
-       has_table_privilege(c.oid, 'UPDATE'),
-       has_table_privilege(c.oid, 'DELETE')
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = %s AND c.relname = %s
 """
 
 
@@ -169,6 +155,7 @@ class PostgresSink:
         self._conn: psycopg.Connection[Any] | None = None
         # object_name -> {column: has its own '=' operator}; cleared on every reconnect.
         self._columns: dict[str, dict[str, bool]] = {}
+        self._generated: dict[str, bool] = {}
 
     def apply(self, ops: Sequence[Op]) -> list[Outcome]:
         """Apply ``ops`` in one transaction and return one outcome per op, in order.
@@ -198,7 +185,7 @@ class PostgresSink:
             with classify_pg(f"check sink {self.name}"):
                 conn = self._connect()
                 try:
-                    return self._check(conn, subject)
+                    return check_sink(conn, subject, self._tables, self._origin)
                 finally:
                     conn.close()
         except SyncAgentError as exc:
@@ -321,6 +308,18 @@ class PostgresSink:
             )
         return None
 
+    def _generated_key(self, conn: psycopg.Connection[Any], target: SinkTable) -> bool:
+        """Tell whether the table's primary key has a default (serial, identity): ids the ERP makes."""
+        key = target.qualified
+        if key not in self._generated:
+            row = conn.execute(
+                "SELECT bool_and(a.atthasdef OR a.attidentity <> '') FROM pg_attribute a"
+                " WHERE a.attrelid = to_regclass(%s) AND a.attname = ANY(%s)",
+                (sql.Identifier(target.schema, target.table).as_string(conn), list(target.primary_key)),
+            ).fetchone()
+            self._generated[key] = bool(row and row[0])
+        return self._generated[key]
+
     def _table_columns(
         self, conn: psycopg.Connection[Any], object_name: str, target: SinkTable, *, reload: bool
     ) -> dict[str, bool]:
@@ -352,9 +351,9 @@ class PostgresSink:
             return _Written(self._one_id(rows, target), wrote=False)
         if op.action != "upsert":  # pragma: no cover - deletes never reach here
             raise AssertionError(op.action)
-        if set(op.key) == set(target.primary_key):
-            # Keyed by its own id, the record was known to exist: it was deleted in the ERP since.
-            # Re-creating it would undo that delete; a person decides.
+        if set(op.key) == set(target.primary_key) and self._generated_key(conn, target):
+            # The ERP generates this table's ids, so an op naming one knew the row: it was
+            # deleted in the ERP since. Re-creating it would undo that delete; a person decides.
             raise _Refused(
                 Outcome.reject("record_deleted", f"{target.qualified} has no row with that key any more")
             )
@@ -441,74 +440,6 @@ class PostgresSink:
         return None
 
     # -- check -----------------------------------------------------------------------------
-
-    def _check(self, conn: psycopg.Connection[Any], subject: str) -> list[Problem]:
-        problems: list[Problem] = []
-        role = _current_role(conn)
-        for object_name, target in self._tables.items():
-            row = conn.execute(_TABLE_SQL, (target.schema, target.table)).fetchone()
-            where = f"{subject}: {object_name}"
-            if row is None:
-                problems.append(
-                    Problem(
-                        where,
-                        f"table {target.qualified} does not exist",
-                        "create it, or correct the table in the sink's config",
-                    )
-                )
-                continue
-            _oid, pk, can_select, can_insert, can_update, can_delete = row
-            if set(pk or ()) != set(target.primary_key):
-                problems.append(
-                    Problem(
-                        where,
-                        f"primary key of {target.qualified} is {tuple(pk or ())}, configured "
-                        f"{target.primary_key}",
-                        "correct primary_key in the sink's config",
-                    )
-                )
-            missing = [
-                p
-                for p, ok in (("SELECT", can_select), ("INSERT", can_insert), ("UPDATE", can_update))
-                if not ok
-            ]
-            grant = f"GRANT {{}} ON {target.identifier().as_string(conn)} TO {role};"
-            if missing:
-                problems.append(
-                    Problem(
-                        where,
-                        f"role {role} lacks {', '.join(missing)} on {target.qualified}",
-                        grant.format(", ".join(missing)),
-                    )
-                )
-            if not can_delete:
-                problems.append(
-                    Problem(
-                        where,
-                        f"role {role} lacks DELETE on {target.qualified}; delete ops will fail",
-                        grant.format("DELETE"),
-                        severity="warning",
-                    )
-                )
-        origin = conn.execute(
-            "SELECT 1 FROM pg_replication_origin WHERE roname = %s", (self._origin,)
-        ).fetchone()
-        if origin is None:
-            problems.append(
-                Problem(
-                    subject, f"replication origin {self._origin!r} does not exist", "run `syncagent init`"
-                )
-            )
-        may_use = conn.execute("SELECT has_function_privilege(%s, 'EXECUTE')", (_SETUP_FUNCTION,)).fetchone()
-        if not (may_use and may_use[0]):
-            problems.append(
-                Problem(
-                    subject,
-                    f"role {role} may not use replication origins; its writes would echo back",
-                    f"GRANT EXECUTE ON FUNCTION {_SETUP_FUNCTION} TO {role};",
-                )
-            )
-        return problems
 
     def _log_batch(self, ops: Sequence[Op], outcomes: Sequence[Outcome], started: datetime) -> None:
         counts = {s: sum(1 for o in outcomes if o.status == s) for s in ("applied", "retry", "reject")}

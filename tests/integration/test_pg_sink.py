@@ -330,6 +330,8 @@ def test_sink_quotes_identifiers_when_table_and_column_names_carry_sql(erp: Erp)
                 sql.Identifier(table), sql.Identifier(column)
             )
         )
+        # The ERP generates these ids: an op keyed by one updates that row, it never creates it.
+        conn.execute(sql.SQL("INSERT INTO public.{} DEFAULT VALUES").format(sql.Identifier(table)))
     tables = {**_TABLES, "public.evil": SinkTable("public", table, ("id",))}
     sink = erp.sink(tables=tables)
     outcomes = sink.apply(
