@@ -19,8 +19,8 @@ from typing import Any
 
 from apscheduler.triggers.cron import CronTrigger
 
+from agent.credentials import SecretRefError, resolve_secret
 from agent.errors import ConfigError, ConfigIssue
-from agent.model import Secret
 
 FIELD_TYPES = ("string", "decimal", "int", "bool", "date", "datetime")
 NON_OWNER_POLICIES = ("ignore", "revert", "exception")
@@ -496,7 +496,11 @@ def _options(
 
 def _coerce(value: Any, kind: str, key: str, col: _Collector, env: Mapping[str, str]) -> Any:
     if kind == "secret":
-        return _secret(value, key, col, env)
+        try:
+            return resolve_secret(value, env)
+        except SecretRefError as exc:
+            col.add(key, str(exc))
+            return None
     if isinstance(value, dict) and ("credential" in value or "env" in value):
         col.add(key, "this key is not a secret: give the value itself")
         return None
@@ -527,36 +531,6 @@ def _coerce(value: Any, kind: str, key: str, col: _Collector, env: Mapping[str, 
             return None
         return value
     raise AssertionError(kind)
-
-
-def _secret(value: Any, key: str, col: _Collector, env: Mapping[str, str]) -> Secret | None:
-    if isinstance(value, str):
-        col.add(key, 'secrets are never inline: use {credential = "name"} or {env = "NAME"}')
-        return None
-    if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in ("credential", "env"):
-        col.add(key, 'must be {credential = "name"} or {env = "NAME"}')
-        return None
-    ((how, ref),) = value.items()
-    if not isinstance(ref, str) or not ref:
-        col.add(key, f"{how} must name a {'credential' if how == 'credential' else 'variable'}")
-        return None
-    if how == "env":
-        if ref not in env:
-            col.add(key, f"environment variable {ref} is not set")
-            return None
-        return Secret(env[ref])
-    cred_dir = env.get("CREDENTIALS_DIRECTORY")
-    if not cred_dir:
-        col.add(key, f"credential {ref!r} needs $CREDENTIALS_DIRECTORY (systemd LoadCredential=)")
-        return None
-    if "/" in ref or ref.startswith("."):
-        col.add(key, "a credential name is a plain file name")
-        return None
-    try:
-        return Secret((Path(cred_dir) / ref).read_text().strip())
-    except OSError:
-        col.add(key, f"credential {ref!r} not found in $CREDENTIALS_DIRECTORY")
-        return None
 
 
 def _table(value: Any, key: str, col: _Collector) -> dict[str, Any]:

@@ -101,6 +101,8 @@ class LocalCluster:
                 "-m",
                 "fast",
                 "-w",
+                "-l",
+                str(self.root / "server.log"),
                 "restart",
                 "-o",
                 self._options(),
@@ -133,6 +135,15 @@ class LocalCluster:
 def _run_as(user: str | None, argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
     if user:
         argv = ["runuser", "-u", user, "--", *argv]
+    if "restart" in argv or "start" in argv:
+        # The server outlives pg_ctl and would hold captured pipes open forever: it logs to
+        # server.log (pg_ctl -l) and gets no pipes of ours.
+        done = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True
+        )
+        if check and done.returncode != 0:
+            raise LocalPgError(f"{' '.join(argv[:6])}... failed (exit {done.returncode}); see server.log")
+        return done
     out = subprocess.run(argv, capture_output=True, text=True)
     if check and out.returncode != 0:
         raise LocalPgError(f"{' '.join(argv[:6])}... failed: {out.stderr.strip() or out.stdout.strip()}")

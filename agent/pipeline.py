@@ -16,20 +16,20 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from agent.errors import DataError, PermanentError, RetryableError
 from agent.logging import log_event
 from agent.model import Batch, Cursor, JournalEntry, Op, Outcome, utcnow
-from agent.resolve import Decision, Resolver, SeenValue
+from agent.resolve import Decision, Resolver
 from agent.retry import RetryPolicy, retry_after_of
+from agent.storeview import StoreView
 from agent.workflows import runner
 from agent.writeback import is_first_copy, without_fields, writeback_ops
 from connectors.base import Resync, Sink, Source
-from state import audit, checkpoints, exceptions, journal, outbox, shadow, workflows, xref
+from state import audit, checkpoints, exceptions, journal, outbox, shadow, xref
 from state.db import State
 from state.exceptions import ExceptionItem
 
@@ -194,66 +194,6 @@ def run_resync(
 
 
 # --- resolve -----------------------------------------------------------------------------------
-
-
-class StoreView:
-    """The resolver's read-only view of state, inside the resolve transaction."""
-
-    def __init__(self, st: State) -> None:
-        self.st = st
-
-    def canonical_id(self, entity: str, system: str, external_id: str) -> str | None:
-        """The canonical id linked to a system's record, if any."""
-        return xref.lookup(self.st, entity, system, external_id)
-
-    def external_id(self, entity: str, canonical_id: str, system: str) -> str | None:
-        """The id of the canonical record in ``system``, if linked."""
-        return xref.external_id(self.st, entity, canonical_id, system)
-
-    def shadow(self, entity: str, canonical_id: str, system: str) -> Mapping[str, SeenValue]:
-        """Last values the agent saw in, or wrote to, ``system``."""
-        return {
-            k: SeenValue(v.value, v.source_ts)
-            for k, v in shadow.get(self.st, entity, canonical_id, system).items()
-        }
-
-    def find_natural(self, entity: str, field: str, value: Any) -> str | None:
-        """The canonical id of a record whose natural key ``field`` equals ``value``."""
-        return xref.find_natural(self.st, entity, field, value)
-
-    def new_canonical_id(self) -> str:
-        """Mint a canonical id."""
-        return xref.new_canonical_id()
-
-    def pending_fields(self, entity: str, canonical_id: str, system: str) -> frozenset[str]:
-        """Canonical fields that queued, undelivered ops will write to ``system``."""
-        return frozenset(
-            f
-            for op in outbox.pending_for(self.st, entity, canonical_id)
-            if op.target == system
-            for f in op.canonical
-        )
-
-    def related(
-        self, entity: str, system: str, field: str, value: Any
-    ) -> Mapping[str, Mapping[str, SeenValue]]:
-        """Shadows in ``system`` of the ``entity`` records whose ``field`` equals ``value``."""
-        return {
-            cid: {k: SeenValue(v.value, v.source_ts) for k, v in fields.items()}
-            for cid, fields in workflows.related(self.st, entity, system, field, value).items()
-        }
-
-    def pending_values(self, entity: str, canonical_id: str, system: str) -> Mapping[str, Any]:
-        """The canonical values queued, undelivered ops will write to ``system`` (latest wins)."""
-        out: dict[str, Any] = {}
-        for op in outbox.pending_for(self.st, entity, canonical_id):
-            if op.target == system:
-                out.update(op.canonical)
-        return out
-
-    def workflow_status(self, instance_key: str) -> str | None:
-        """The status of a workflow instance, or None."""
-        return workflows.status_of(self.st, instance_key)
 
 
 def resolve_pending(st: State, resolver: Resolver, *, limit: int = 5000) -> int:

@@ -292,8 +292,12 @@ class _Resolution:
             if target not in rule.columns:
                 continue
             theirs = seen_target.get(fname)
-            if theirs is not None and theirs.value == value:
-                continue  # the target already holds this value: in step, nothing to send or audit
+            if (
+                theirs is not None
+                and theirs.value == value
+                and fname not in self.view.pending_fields(name, cid, target)
+            ):
+                continue  # the target holds this value and nothing queued will change it: in step
             before = seen_before.get(fname)
             other_changed = (
                 theirs is not None

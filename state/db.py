@@ -45,6 +45,15 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     return "locked" in text or "busy" in text
 
 
+def _is_disk_problem(exc: sqlite3.Error) -> bool:
+    """Tell whether ``exc`` means the disk is full or failed an I/O (an operating condition)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (10, 13)  # SQLITE_IOERR, SQLITE_FULL
+    text = str(exc).lower()
+    return "disk is full" in text or "disk i/o error" in text
+
+
 def _is_not_a_database(exc: sqlite3.Error) -> bool:
     """Tell whether ``exc`` means the file is not (or no longer) a readable SQLite database."""
     code = getattr(exc, "sqlite_errorcode", None)
@@ -67,6 +76,11 @@ def classify_sqlite(path: str | Path | None = None) -> Iterator[None]:
         where = f" ({path})" if path is not None else ""
         if _is_busy(exc):
             raise RetryableError(f"state database is busy{where}: {exc}") from exc
+        if _is_disk_problem(exc):
+            raise RetryableError(
+                f"state file{where} cannot be written ({exc}): free space in its folder; "
+                "nothing committed is lost and the agent retries"
+            ) from exc
         if _is_not_a_database(exc):
             raise PermanentError(
                 f"state file{where} is not a readable SQLite database ({exc}); "

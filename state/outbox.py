@@ -104,12 +104,21 @@ def enqueue(st: State, ops: Sequence[Op], *, now: datetime | None = None) -> int
 
 
 def claim_due(st: State, target: str, *, now: datetime, limit: int) -> list[Op]:
-    """Return up to ``limit`` pending ops for ``target`` due by ``now``, oldest ``op_id`` first."""
+    """Return up to ``limit`` pending ops for ``target`` due by ``now``, oldest ``op_id`` first.
+
+    An op waits while an older op for the same record and target is still pending but not
+    due (backing off): otherwise the newer one would land first and the older one would
+    overwrite it later.
+    """
+    due = codec.format_ts(now)
     rows = fetch_all(
         st,
-        "SELECT * FROM outbox WHERE target = ? AND status = 'pending' AND next_attempt_at <= ?"
-        " ORDER BY op_id LIMIT ?",
-        (target, codec.format_ts(now), limit),
+        "SELECT * FROM outbox AS o WHERE o.target = ? AND o.status = 'pending' AND o.next_attempt_at <= ?"
+        " AND NOT EXISTS (SELECT 1 FROM outbox AS e WHERE e.entity = o.entity"
+        " AND e.canonical_id = o.canonical_id AND e.target = o.target AND e.status = 'pending'"
+        " AND e.op_id < o.op_id AND e.next_attempt_at > ?)"
+        " ORDER BY o.op_id LIMIT ?",
+        (target, due, due, limit),
     )
     return [_op(r) for r in rows]
 

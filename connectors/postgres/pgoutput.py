@@ -23,6 +23,7 @@ from types import MappingProxyType
 from typing import Final
 
 from agent.errors import PermanentError
+from connectors.postgres.lsn import lsn_to_str, str_to_lsn
 
 __all__ = [
     "UNCHANGED",
@@ -63,7 +64,6 @@ UNCHANGED: Final = _Unchanged()
 
 # Timestamps on the wire count microseconds from PostgreSQL's epoch.
 _PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
-_LSN_MAX: Final = (1 << 64) - 1
 # Wire timestamps that a datetime can hold: 0001-01-01 .. 9999-12-31T23:59:59.999999 UTC.
 _TS_MIN: Final = -63_082_281_600_000_000
 _TS_MAX: Final = 252_455_615_999_999_999
@@ -582,22 +582,3 @@ class Decoder:
         pos += 4
         _end(data, pos + ln, "Message")
         return LogicalMessage(bool(flags & _MESSAGE_TRANSACTIONAL), lsn, prefix, data[pos:])
-
-
-def lsn_to_str(lsn: int) -> str:
-    """Format an LSN the way PostgreSQL prints it, e.g. ``0/16B3748`` (uppercase, unpadded)."""
-    if not 0 <= lsn <= _LSN_MAX:
-        raise ValueError("LSN out of range")
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
-
-
-def str_to_lsn(text: str) -> int:
-    """Parse PostgreSQL's ``X/X`` LSN text; raises ValueError if it is not one."""
-    hi, sep, lo = text.partition("/")
-    if not sep or not _is_hex32(hi) or not _is_hex32(lo):
-        raise ValueError("not an LSN: expected 'X/X' with 1-8 hex digits on each side")
-    return (int(hi, 16) << 32) | int(lo, 16)
-
-
-def _is_hex32(part: str) -> bool:
-    return 0 < len(part) <= 8 and part.isascii() and all(c in "0123456789abcdefABCDEF" for c in part)
