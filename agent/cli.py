@@ -457,4 +457,8 @@ def main() -> None:
 
 
 if __name__ == "__main__" and not os.environ.get("SYNCAGENT_NO_MAIN"):
-    main()
+    # Run as ``python -m agent.cli``: use the imported module, on whose group the record
+    # commands (agent.cli_records) registered, not this ``__main__`` copy.
+    from agent.cli import main as _imported_main
+
+    _imported_main()
