@@ -421,6 +421,8 @@ class PeekCursor:
             self.confirmed_flush = str_to_lsn(row[0]) if row[0] else 0
             current = str_to_lsn(row[1])
             self.upto_lsn = max(self.confirmed_flush, min(current, self.confirmed_flush + max_poll_bytes))
+            # More WAL waits past this poll's cap (a catch-up, or one huge transaction).
+            self.capped = current > self.upto_lsn
             self._cursor: psycopg.ServerCursor | None = None
             # No new WAL: skip the call, which would still re-decode from restart_lsn.
             if self.upto_lsn > self.confirmed_flush:

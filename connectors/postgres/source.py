@@ -147,6 +147,7 @@ class PostgresSource:
             changes = self._decode(poll, rows)
             exhausted = len(rows) < size
             lsn = poll.last_complete
+            capped = exhausted and poll.peek.capped
             if exhausted:
                 # Every transaction committed before upto_lsn was in this peek, so the slot may
                 # move there even when nothing was captured: idle mapped tables must not make
@@ -163,7 +164,9 @@ class PostgresSource:
             "event=pg_chunk_read slot=%s rows=%d changes=%d lsn=%s more=%s",
             self.slot, len(rows), len(changes), lsn_to_str(lsn), not exhausted,
         )  # fmt: skip
-        return Batch(changes, _cursor(lsn), more=not exhausted)
+        # A capped poll says "more": the same cycle goes on with a new peek after the slot
+        # moved, so a transaction larger than max_poll_mb is captured in one run, not stalled.
+        return Batch(changes, _cursor(lsn), more=not exhausted or capped)
 
     def commit(self, stream: str, cursor: Cursor) -> None:
         """Advance the slot to the cursor's LSN (deferred while the peek is still open)."""

@@ -139,3 +139,18 @@ def test_init_as_root_hands_the_state_file_to_the_state_folders_owner(erp: tuple
     os.chown(state_dir, pw.pw_uid, pw.pw_gid)
     assert sa(cfg, "init")[0] == 0
     assert os.stat(state_dir / "state.db").st_uid == pw.pw_uid
+
+
+def test_run_once_captures_a_transaction_larger_than_one_polls_wal_cap(erp: tuple[str, Path]) -> None:
+    dsn, cfg = erp
+    cfg.write_text(cfg.read_text().replace('origin = "', 'max_poll_mb = 1\norigin = "', 1))
+    sa(cfg, "init")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO erp.customers (name, notes) SELECT 'big ' || g, repeat('x', 100)"
+                     " FROM generate_series(1, 30000) g")
+        wal = conn.execute("SELECT pg_current_wal_lsn() - confirmed_flush_lsn FROM pg_replication_slots"
+                           " WHERE slot_name = %s", (dsn.split("dbname=")[1],)).fetchone()
+    assert wal is not None and wal[0] > 2 * 2**20, "the transaction must span several polls' caps"
+    code, out = sa(cfg, "run", "--once")
+    assert code == 0, out
+    assert json.loads(out.strip().splitlines()[-1])["captured"] == {"erp": 30000}
