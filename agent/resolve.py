@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from agent import ownership
-from agent.config import Config, EntityConfig, SystemMapping
+from agent.config import SHARED, Config, EntityConfig, SystemMapping
 from agent.decision import AuditItem, Decision, ProblemItem, SeenValue, StateView
 from agent.echo import changed_fields, is_origin_echo
 from agent.errors import DataError
@@ -279,8 +279,19 @@ class _Resolution:
         if tid is None and (name, target) in self.r.claims:
             return  # a workflow creates this record in the target (e.g. a won deal in the ERP)
         if tid is None:
-            # A first copy in the target: ownership governs changes, not the first values.
-            fields = self._create_fields(target, cid, canonical)
+            if self.view.pending_fields(name, cid, target):
+                # The first copy is queued (or applied and not yet acknowledged): this change is
+                # no first copy, so only what this source owns, or shares, may follow it.
+                fields = {
+                    k: v
+                    for k, v in changed.items()
+                    if k in self.entity.fields
+                    and self.entity.fields[k].owner in (c.source, SHARED)
+                    and target in self.entity.fields[k].columns
+                }
+            else:
+                # A first copy in the target: ownership governs changes, not the first values.
+                fields = self._create_fields(target, cid, canonical)
             if fields:
                 self._upsert(target, tm, cid, None, fields)
             return
