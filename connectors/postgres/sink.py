@@ -35,6 +35,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time
+from time import monotonic, sleep
 from typing import Any
 
 import psycopg
@@ -51,6 +52,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_LOCK_TIMEOUT = 5.0
 
 _SETUP_FUNCTION = "pg_replication_origin_session_setup(text)"
+#: How long a new session waits for a dead predecessor to let go of the origin.
+ORIGIN_WAIT_SECONDS = 5.0
 # A locked row, a serialization failure, a deadlock or a statement timeout concern one op:
 # it waits in the outbox while the rest of the batch commits.
 _ROW_RETRY = frozenset({"55P03", "40001", "40P01", "57014"})
@@ -216,6 +219,19 @@ class PostgresSink:
         return conn
 
     def _setup_origin(self, conn: psycopg.Connection[Any]) -> None:
+        # After a crash the dead agent's backend holds the origin until the server notices the
+        # lost client, a moment later: wait that moment out instead of failing the first batch.
+        deadline = monotonic() + ORIGIN_WAIT_SECONDS
+        while True:
+            try:
+                self._setup_origin_once(conn)
+                return
+            except RetryableError:
+                if monotonic() >= deadline:
+                    raise
+                sleep(0.2)
+
+    def _setup_origin_once(self, conn: psycopg.Connection[Any]) -> None:
         try:
             conn.execute("SELECT pg_replication_origin_session_setup(%s)", (self._origin,))
         except psycopg.errors.InsufficientPrivilege as exc:
