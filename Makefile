@@ -32,7 +32,7 @@ test: lint postgres-binaries
 	$(BIN)/pytest -q
 
 bench: install postgres-binaries
-	$(BIN)/python bench/report.py
+	$(BIN)/python -m bench.report
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench/out
