@@ -91,6 +91,9 @@ def render(runs: dict[str, tuple[int, float]], quick: bool) -> str:
               f"{_num(cw.get('p95'))} s | {_num(cw.get('max'))} s |"]
     for title, name in (("short profile", "chaos.json"), ("long profile", "chaos-long.json")):
         lines += _chaos(title, load(name))
+    lines += ["", "The long profile (10+ minutes) is not run by `bench.report`: its row is the last "
+              "`python -m bench.chaos.run --profile long --out bench/out/chaos-long.json`, which may "
+              "predate the current commit."]
     return _runs(lines, runs)
 
 
