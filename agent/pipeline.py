@@ -23,6 +23,7 @@ from datetime import datetime
 from agent.errors import DataError, PermanentError, RetryableError
 from agent.logging import log_event
 from agent.model import Batch, Cursor, JournalEntry, Op, Outcome, utcnow
+from agent.parking import open_problem
 from agent.resolve import Decision, Resolver
 from agent.retry import RetryPolicy, retry_after_of
 from agent.storeview import StoreView
@@ -255,19 +256,8 @@ def apply_decision(st: State, entry: JournalEntry, d: Decision) -> None:
     for p in d.problems:
         if p.instance_key:
             continue  # opened with its workflow instance
-        exceptions.open_item(
-            st,
-            kind=p.kind,
-            reason=p.reason,
-            detail=p.detail,
-            trace_id=c.trace_id,
-            source=c.source,
-            entity=d.entity,
-            canonical_id=d.canonical_id,
-            record={"object": c.object_name, "key": dict(c.key), "fields": dict(c.fields)},
-            field=p.field,
-            journal_seq=entry.seq,
-            blocking_ref=p.blocking_ref,
+        open_problem(
+            st, p, c, trace_id=c.trace_id, entity=d.entity, canonical_id=d.canonical_id, journal_seq=entry.seq
         )
     for a in d.audits:
         audit.record(

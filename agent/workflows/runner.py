@@ -22,6 +22,7 @@ from agent.decision import Decision
 from agent.errors import DataError
 from agent.logging import log_event
 from agent.model import Change, JournalEntry, Op, Outcome
+from agent.parking import open_problem
 from agent.workflows.base import PARKED
 from state import exceptions, outbox, shadow, workflows, xref
 from state.db import State
@@ -48,19 +49,14 @@ def record_instances(st: State, entry: JournalEntry, d: Decision) -> None:
             detail=inst.detail,
         )
         opened = [
-            exceptions.open_item(
+            open_problem(
                 st,
-                kind=p.kind,
-                reason=p.reason,
-                detail=p.detail,
+                p,
+                c,
                 trace_id=row.trace_id,
-                source=c.source,
                 entity=inst.entity,
                 canonical_id=inst.canonical_id,
-                record={"object": c.object_name, "key": dict(c.key), "fields": dict(c.fields)},
-                field=p.field,
                 journal_seq=row.trigger_seq,
-                blocking_ref=p.blocking_ref,
             )
             for p in d.problems
             if p.instance_key == inst.key
