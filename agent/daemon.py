@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -351,11 +351,23 @@ def _netsuite(
     records = {}
     for obj, (entity, cols) in _fields_of(config, sc.name).items():
         m = entity.systems[sc.name]
-        base = known.get(obj)
-        records[obj] = (
-            base
-            if base is not None
-            else NsRecord(obj, obj, tuple(cols), external_id_field=m.external_id or "externalid")
+        # A standard record keeps its definition (REST names, refs) and gains every mapped
+        # column (custom fields such as custentity_*); a custom record is the mapping alone.
+        base = known.get(obj) or NsRecord(obj, obj, (), external_id_field=m.external_id or "externalid")
+        rules = [r for r in entity.fields.values() if sc.name in r.columns]
+
+        def columns(test: Callable[[Any], bool], rules: list[Any] = rules) -> frozenset[str]:
+            return frozenset(r.columns[sc.name] for r in rules if test(r))
+
+        extra = tuple(c for c in dict.fromkeys(cols) if c not in base.fields and c != "id")
+        records[obj] = replace(
+            base,
+            fields=(*base.fields, *extra),
+            external_id_field=m.external_id or base.external_id_field,
+            refs=base.refs | columns(lambda r: r.ref is not None),
+            dates=base.dates | columns(lambda r: r.type == "date"),
+            timestamps=base.timestamps | columns(lambda r: r.type == "datetime"),
+            required=base.required | columns(lambda r: r.required),
         )
     conn = NetSuiteConnector(
         sc.name,

@@ -1,5 +1,10 @@
 """The NetSuite emulator's records: schema of four record types, rows, deletions, validation.
 
+An account may add custom record types (``customrecord_contract``: a ``name``, its own
+``custrecord_*`` fields and id sequence, SuiteQL table and REST type of the same name) and
+custom fields on standard records (``custentity_*`` on a job); custom fields keep their id
+as their REST name, as NetSuite does.
+
 Rows are keyed by SuiteQL column names (lower case); the REST side names the same fields in
 camelCase, and a few differ outright (a payment's ``customer`` is the ``entity`` column, an
 invoice's ``total`` is ``foreigntotal``). Entities (customers, jobs) share one id sequence
@@ -76,6 +81,7 @@ _TABLES = MappingProxyType(
     {"customer": ("customer",), "job": ("job",), "transaction": ("invoice", "customerpayment")}
 )
 _SYSTEM = ("id", "externalid", "datecreated", "lastmodifieddate")
+_KINDS = ("text", "ref", "number", "date", "bool")
 _DELETED_COLUMNS = ("id", "recordid", "type", "deleteddate", "externalid")
 
 
@@ -95,16 +101,45 @@ class RecordStore:
 
     def __init__(self, now: Callable[[], datetime]) -> None:
         self._now = now
+        self._schema: dict[str, tuple[_Field, ...]] = dict(_SCHEMA)
+        self._family: dict[str, str] = dict(_FAMILY)
+        self._tables: dict[str, tuple[str, ...]] = dict(_TABLES)
         self._data: dict[str, dict[int, dict[str, Any]]] = {t: {} for t in _SCHEMA}
         self._deleted: list[dict[str, Any]] = []
         self._next_id = {"entity": 100, "transaction": 100, "deleted": 1}
         self._required: dict[str, set[str]] = {t: set() for t in _SCHEMA}
         self._allowed: dict[tuple[str, str], frozenset[str]] = {}
 
+    def define(self, rtype: str, fields: Mapping[str, str]) -> None:
+        """Add a custom record type: a ``name`` plus ``fields`` (column -> kind, ``ref:customer``)."""
+        if not rtype.startswith("customrecord") or rtype in self._schema:
+            raise ValueError(f"a new custom record type needs a customrecord* id: {rtype!r}")
+        self._schema[rtype] = (_f("name"), *self._custom(fields))
+        self._family[rtype] = rtype
+        self._tables[rtype] = (rtype,)
+        self._data[rtype] = {}
+        self._required[rtype] = set()
+        self._next_id[rtype] = 1
+
+    def add_fields(self, rtype: str, fields: Mapping[str, str]) -> None:
+        """Add custom fields (column -> kind) to an existing record type."""
+        known = {f.column for f in self._schema[self.record_type(rtype)]}
+        added = tuple(f for f in self._custom(fields) if f.column not in known)
+        self._schema[rtype] = (*self._schema[rtype], *added)
+
+    def _custom(self, fields: Mapping[str, str]) -> list[_Field]:
+        out = []
+        for column, kind in fields.items():
+            base, _, targets = kind.partition(":")
+            if not column.startswith("cust") or base not in _KINDS:
+                raise ValueError(f"a custom field needs a cust* id and a kind of {_KINDS}: {column!r}")
+            out.append(_f(column, column, base, *(t for t in targets.split(",") if t)))
+        return out
+
     def record_type(self, name: str) -> str:
         """Return the canonical record type for a URL segment (case-insensitive) or reject."""
         rtype = name.lower()
-        if rtype not in _SCHEMA:
+        if rtype not in self._schema:
             raise Rejected(404, "NONEXISTENT_ID", f"Record type {name} does not exist.")
         return rtype
 
@@ -112,12 +147,12 @@ class RecordStore:
         """Return the rows and column names behind a SuiteQL table."""
         if name == "deletedrecord":
             return list(self._deleted), list(_DELETED_COLUMNS)
-        types = _TABLES.get(name)
+        types = self._tables.get(name)
         if types is None:
             raise SuiteQLError(f"Invalid search query. Unknown table '{name}'.")
         columns = list(_SYSTEM) + (["type"] if name == "transaction" else [])
         for t in types:
-            columns += [f.column for f in _SCHEMA[t] if f.column not in columns]
+            columns += [f.column for f in self._schema[t] if f.column not in columns]
         return [row for t in types for row in self._data[t].values()], columns
 
     def ids(self, rtype: str) -> list[int]:
@@ -137,7 +172,7 @@ class RecordStore:
         """Turn a REST body into column values; unknown properties fail only when ``strict``."""
         if not isinstance(body, dict):
             raise Rejected(400, "INVALID_CONTENT", "The request body must be a JSON object.")
-        by_rest = {f.rest: f for f in _SCHEMA[rtype]}
+        by_rest = {f.rest: f for f in self._schema[rtype]}
         fields: dict[str, Any] = {}
         for prop, value in body.items():
             if prop == "externalId":
@@ -161,7 +196,7 @@ class RecordStore:
         return rid
 
     def _validate(self, rtype: str, row: Mapping[str, Any]) -> None:
-        for spec in _SCHEMA[rtype]:
+        for spec in self._schema[rtype]:
             value = row.get(spec.column)
             if spec.column in self._required[rtype] and value in (None, ""):
                 raise Rejected(400, "USER_ERROR", f"Please enter value(s) for: {spec.rest}.", spec.rest)
@@ -183,13 +218,13 @@ class RecordStore:
             value = row.get(column)
             if value is not None:
                 body[rest] = value.strftime("%Y-%m-%dT%H:%M:%SZ") if isinstance(value, datetime) else value
-        for spec in _SCHEMA[rtype]:
+        for spec in self._schema[rtype]:
             value = row.get(spec.column)
             if value is None:
                 continue
             if spec.kind == "ref":
                 target = self._ref_row(spec, str(value)) or {}
-                name = target.get("companyname") or target.get("tranid") or str(value)
+                name = target.get("companyname") or target.get("tranid") or target.get("name") or str(value)
                 body[spec.rest] = {"id": str(value), "refName": str(name), "links": []}
             elif spec.kind == "date":
                 body[spec.rest] = value.isoformat()
@@ -214,7 +249,7 @@ class RecordStore:
 
     def insert(self, rtype: str, fields: Mapping[str, Any], *, modified: datetime | None = None) -> str:
         """Create a record from column values, unvalidated; returns its internal id."""
-        family = _FAMILY[rtype]
+        family = self._family[rtype]
         rid = self._next_id[family]
         self._next_id[family] += 1
         stamp = _second(modified or self._now())

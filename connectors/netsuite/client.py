@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
 
@@ -50,6 +50,8 @@ class NsRecord:
     when they differ (``companyname`` -> ``companyName``); ``refs`` are columns written as
     ``{"id": ...}`` references; ``dates``/``timestamps`` are read through ``TO_CHAR``.
     ``type_filter`` narrows a shared table (``transaction``) to one type (``CustInvc``).
+    ``required`` are columns NetSuite makes mandatory on create: a unit checks them before
+    its first write.
     """
 
     record_type: str
@@ -61,6 +63,7 @@ class NsRecord:
     refs: frozenset[str] = frozenset()
     dates: frozenset[str] = frozenset()
     timestamps: frozenset[str] = frozenset()
+    required: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         for name in (self.record_type, self.table, self.external_id_field, *self.fields):
@@ -107,6 +110,7 @@ def standard_records() -> dict[str, NsRecord]:
             ("entityid", "companyname", "subsidiary", "currency", "email", "externalid"),
             rest_names=ext,
             refs=frozenset({"subsidiary", "currency"}),
+            required=frozenset({"companyname"}),
         ),
         "job": NsRecord(
             "job",
@@ -130,6 +134,7 @@ def standard_records() -> dict[str, NsRecord]:
             },
             refs=frozenset({"parent", "jobtype", "entitystatus"}),
             dates=frozenset({"startdate"}),
+            required=frozenset({"companyname"}),
         ),
         "invoice": NsRecord(
             "invoice",
@@ -336,8 +341,31 @@ class NetSuiteConnector:
         """Nothing to acknowledge: NetSuite keeps no read position for us."""
 
     def apply(self, ops: Sequence[Op]) -> list[Outcome]:
-        """Write ``ops`` one record per request; one outcome per op, in order."""
+        """Write ``ops`` one record per request; one outcome per op, in order (units as sagas)."""
         return self._writer.apply(ops)
+
+    @property
+    def records(self) -> Mapping[str, NsRecord]:
+        """The record definitions this connector reads and writes, by mapped object name."""
+        return dict(self._records)
+
+    def fetch(self, object_name: str, ids: Sequence[str]) -> dict[str, dict[str, Any] | None]:
+        """Return the current records of ``object_name`` by internal id; ``None`` where there is none.
+
+        SuiteQL ``WHERE id IN (...)`` in pages of ``page_size`` ids, with the same columns
+        (and the same date handling) as the record's change stream, so a fetched record
+        carries the values a captured change would.
+        """
+        spec = self._specs.get(object_name)
+        if spec is None:
+            raise PermanentError(f"{self.name} has no record {object_name!r} mapped")
+        out: dict[str, dict[str, Any] | None] = dict.fromkeys(ids)
+        wanted = sorted({int(i) for i in out if str(i).isdigit()})
+        found = self._reader.fetch(spec, wanted)
+        for i in out:
+            if str(i).isdigit():
+                out[i] = found.get(int(i))
+        return out
 
     def check(self) -> list[Problem]:
         """Check the token, SuiteQL access to every stream's table and REST access to each record."""

@@ -360,6 +360,20 @@ class NetSuiteEmulator(EmulatorApp):
         return EmuResponse(204, None, {"Location": location})
 
     # --- configuration and direct data access ----------------------------------------
+    def define_record(self, rtype: str, fields: Mapping[str, str]) -> None:
+        """Add a custom record type (``customrecord_*``): a ``name`` plus ``fields`` (column -> kind).
+
+        Kinds are ``text``, ``number``, ``date``, ``bool`` and ``ref``; ``ref:customer,job``
+        also checks that the referenced record exists, as a select field does.
+        """
+        with self._lock:
+            self._store.define(rtype, fields)
+
+    def add_fields(self, rtype: str, fields: Mapping[str, str]) -> None:
+        """Add custom fields (``custentity_*``...; column -> kind, as ``define_record``) to a record type."""
+        with self._lock:
+            self._store.add_fields(rtype, fields)
+
     def require(self, rtype: str, column: str) -> None:
         """Make ``column`` mandatory on ``rtype`` writes (400 USER_ERROR naming it)."""
         with self._lock:

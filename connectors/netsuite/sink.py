@@ -3,7 +3,10 @@
 An op whose key holds the internal id (``{"id": "4711"}``) is a ``PATCH`` of that record; one
 keyed by the external id is an upsert, ``PUT /record/v1/{type}/eid:{value}``, which answers
 204 with the record's URL in ``Location`` whether it created or updated, so a replay creates
-nothing twice. Deletes go by id or eid, and a 404 means already gone.
+nothing twice. Deletes go by id or eid, and a 404 means already gone. A ``unit`` op (several
+upserts, later ones naming earlier ids) runs as a forward-recovering saga
+(``connectors.netsuite.units``) and answers like the PostgreSQL sink: ``applied`` with the
+steps' ids as a JSON list, ``retry``, or ``reject`` naming the step and what already exists.
 
 Per-op verdicts: a 4xx with ``o:errorDetails`` rejects that op (code, detail, and the field
 from ``o:errorPath`` translated back to its SuiteQL column). The concurrency limit (429, or
@@ -29,6 +32,7 @@ from agent.errors import AuthError, RateLimited, RetryableError
 from agent.model import Op, Outcome
 from connectors.http import classify_http, json_body, redact_url
 from connectors.netsuite.errors import error_details, is_throttled, throttle_wait
+from connectors.netsuite.units import EID, UnitRunner, plan
 
 if TYPE_CHECKING:
     from connectors.netsuite.client import NsRecord
@@ -36,7 +40,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RECORD_PATH = "/services/rest/record/v1"
-_EID = re.compile(r"[A-Za-z0-9_\-]+\Z")
 _SYSTEM_COLUMNS = frozenset({"id", "lastmodifieddate", "datecreated"})
 _HEADERS = {"Content-Type": "application/json", "X-NetSuite-PropertyNameValidation": "error"}
 
@@ -59,6 +62,7 @@ class RecordWriter:
         self._records = dict(records)
         self._by_type = {r.record_type: r for r in records.values()}
         self._hint = throttle_backoff
+        self._units = UnitRunner()
 
     def apply(self, ops: Sequence[Op]) -> list[Outcome]:
         """Apply ``ops`` in order; stop at the first throttle or server failure (rest: retry)."""
@@ -88,8 +92,14 @@ class RecordWriter:
                 break
         return outcomes
 
+    def _record_for(self, name: str) -> NsRecord | None:
+        return self._records.get(name) or self._by_type.get(name)
+
     def _apply(self, op: Op) -> Outcome:
-        record = self._records.get(op.object_name) or self._by_type.get(op.object_name)
+        if op.action == "unit":
+            steps = plan(op, self._record_for)
+            return steps if isinstance(steps, Outcome) else self._units.run(op, steps, self._apply)
+        record = self._record_for(op.object_name)
         if record is None:
             return Outcome.reject("UNKNOWN_RECORD", f"no NetSuite record configured for {op.object_name!r}")
         internal = op.key.get("id")
@@ -100,7 +110,7 @@ class RecordWriter:
                 return Outcome.reject("INVALID_KEY", "the internal id is not numeric", "id")
             path = f"{base}/{internal}"
         elif external is not None:
-            if not _EID.match(str(external)):
+            if not EID.match(str(external)):
                 return Outcome.reject(
                     "INVALID_KEY",
                     "an external id may hold only letters, digits, _ and -",

@@ -20,7 +20,7 @@ the next read resumes exactly where this one stopped, under the same signpost.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from email.utils import parsedate_to_datetime
@@ -188,6 +188,29 @@ class SuiteQLReader:
             if position is not None:
                 data["walk"] = {**position.as_dict(), "until": until.strftime("%Y-%m-%dT%H:%M:%SZ")}
         return Batch([r.change for r in rows], Cursor(data), more=not finished)
+
+    def fetch(self, spec: StreamSpec, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """Return the current fields of the rows with internal ``ids``, as a read would carry them.
+
+        One SuiteQL query per ``page_size`` ids (``id IN (...)``: no walk, no cursor); a row
+        missing from the answer is absent from the result.
+        """
+        out: dict[int, dict[str, Any]] = {}
+        size = self._page_size
+        for start in range(0, len(ids), size):
+            chunk = ids[start : start + size]
+            conditions = [f"{spec.filter[0]} = {_quote(spec.filter[1])}"] if spec.filter else []
+            conditions.append(f"{spec.id_column} IN ({', '.join(str(int(i)) for i in chunk)})")
+            sql = (
+                f"SELECT {', '.join(spec.columns)} FROM {spec.table}"
+                f" WHERE {' AND '.join(conditions)} ORDER BY {spec.id_column}"
+            )
+            fetch = lambda off, q=sql: self._page(q, size, off, [])  # noqa: E731
+            for page in offset_pages(fetch, page_size=size):
+                for item in page.get("items") or []:
+                    row = self._row(spec, item)
+                    out[row.mark.id] = dict(row.change.fields)
+        return out
 
     def probe(self, table: str, column: str, condition: tuple[str, str] | None) -> None:
         """Run a one-row query against ``table`` (raises the classified error when it fails)."""
