@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 
@@ -91,6 +92,17 @@ class DynamicsConnector:
     def apply(self, ops: Sequence[Op]) -> list[Outcome]:
         """Apply ops (upserts and deletes), one outcome per op in order."""
         return self._writer.apply(ops)
+
+    def fetch(self, object_name: str, ids: Sequence[str]) -> dict[str, dict[str, Any] | None]:
+        """Return the current rows of table ``object_name`` by primary key; ``None`` where there is none.
+
+        ``$filter`` on the key, 50 keys per query, selecting the columns a change carries.
+        """
+        out: dict[str, dict[str, Any] | None] = dict.fromkeys(ids)
+        found = self._reader.fetch(self._table(object_name), list(out))
+        for rid in out:
+            out[rid] = found.get(rid)
+        return out
 
     def check(self) -> list[Problem]:
         """Check the token, each table, its columns, change tracking and alternate key."""

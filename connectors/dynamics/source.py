@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -43,6 +43,7 @@ from connectors.paging import follow_next_link
 logger = logging.getLogger(__name__)
 
 MAX_PAGE_SIZE = 5000
+FETCH_CHUNK = 50  # keys per lookup query: 50 GUID comparisons keep the URL near 3 kB
 
 
 class DvReader:
@@ -187,7 +188,9 @@ class DvReader:
         )
 
     def _follow(
-        self, headers: Mapping[str, str], rule: Callable[[HttpStatusFailure], SyncAgentError | None]
+        self,
+        headers: Mapping[str, str],
+        rule: Callable[[HttpStatusFailure], SyncAgentError | None] | None,
     ) -> Callable[[str], Mapping[str, Any]]:
         def fetch(url: str) -> Mapping[str, Any]:
             return self.session.get_json(
@@ -261,6 +264,42 @@ class DvReader:
             return Batch(changes, Cursor(state), True)
         logger.info("event=dataverse_resync_done stream=%s", stream)
         return Batch(changes, Cursor(dict(data["then"])), False)
+
+    # --- lookup by key --------------------------------------------------------------------------
+    def fetch(self, table: DvTable, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The current fields of rows by primary key, as a change carries them; absent keys are left out.
+
+        One ``$filter=pk eq g1 or pk eq g2 ...`` query per ``FETCH_CHUNK`` keys (short enough
+        for any URL limit), following ``@odata.nextLink``; a key that is not a GUID matches nothing.
+        """
+        pk = table.primary_key
+        keys = []
+        for rid in dict.fromkeys(ids):
+            try:
+                keys.append(str(uuid.UUID(str(rid))))
+            except ValueError:
+                continue
+        found: dict[str, dict[str, Any]] = {}
+        headers = {"Prefer": f"odata.maxpagesize={self.page_size}"}
+        for i in range(0, len(keys), FETCH_CHUNK):
+            where = " or ".join(f"{pk} eq {literal(uuid.UUID(k))}" for k in keys[i : i + FETCH_CHUNK])
+            first = self.session.get_json(
+                self.session.path(table.entity_set),
+                params={"$select": table.select(), "$filter": where},
+                headers=headers,
+            )
+            pages = follow_next_link(
+                self.session.client,
+                first,
+                next_key="@odata.nextLink",
+                records_key="value",
+                get=self._follow(headers, None),
+            )
+            for page in pages:
+                for item in page.get("value") or []:
+                    found[str(item.get(pk))] = {name: item.get(name) for name in table.fields}
+        by_lower = {k.lower(): v for k, v in found.items()}
+        return {rid: by_lower[str(rid).lower()] for rid in ids if str(rid).lower() in by_lower}
 
     # --- records --------------------------------------------------------------------------------
     def _from_page(

@@ -75,6 +75,19 @@ class HubSpotConnector:
         """Apply ``ops`` (upserts by unique property or id, deletes by archive), in order."""
         return self._writer.apply(ops)
 
+    # --- Lookup (reconciliation) ---------------------------------------------------------
+    def fetch(self, object_name: str, ids: Sequence[str]) -> dict[str, dict[str, Any] | None]:
+        """Return the current records of ``object_name`` by id; ``None`` where archived or never there.
+
+        Batch reads of 100 ids, with the properties (and associated ids) a change of the
+        object carries, so reconciliation compares what capture would have seen.
+        """
+        out: dict[str, dict[str, Any] | None] = dict.fromkeys(ids)
+        found = self._reader.fetch(self._object(object_name), list(out))
+        for rid in out:
+            out[rid] = found.get(rid)
+        return out
+
     # --- associations -------------------------------------------------------------------
     def associate(self, deal_id: str, company_id: str) -> None:
         """Link a deal to a company with the default (unlabeled) association."""
