@@ -86,6 +86,13 @@ if _orjson is not None:
             # surrogates; the stdlib accepts or rejects them itself, keeping the two equal.
             return dumps_stdlib(obj)
 
+    def dumps_bytes(obj: object) -> bytes:
+        """Encode ``obj`` as compact UTF-8 JSON bytes: the text ``dumps`` gives, not decoded."""
+        try:
+            return _orjson_dumps(obj, default=_default, option=_ORJSON_OPTS)
+        except TypeError:
+            return dumps_stdlib(obj).encode()
+
     def loads(s: str | bytes) -> Any:
         """Decode JSON text written by ``dumps`` into plain JSON types."""
         return _orjson_loads(s)
@@ -97,6 +104,10 @@ else:  # pragma: no cover - exercised only where orjson is absent
     def dumps_orjson(obj: object) -> str:
         """Encode with orjson; here orjson is not installed, so this is the stdlib encoder."""
         return dumps_stdlib(obj)
+
+    def dumps_bytes(obj: object) -> bytes:
+        """Encode ``obj`` as compact UTF-8 JSON bytes: the text ``dumps`` gives, not decoded."""
+        return dumps_stdlib(obj).encode()
 
     def loads(s: str | bytes) -> Any:
         """Decode JSON text written by ``dumps`` into plain JSON types."""

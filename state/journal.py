@@ -10,7 +10,9 @@ anything else, while a settled fate (``applied``, ``echo``, ``ignored``, ``confl
 overwrite what happened the first time.
 
 Stored values are JSON (see ``state.codec``): a change read back has plain JSON types in
-``key``/``fields`` (a ``Decimal`` comes back as ``str``, a datetime as ISO text).
+``key``/``fields`` (a ``Decimal`` comes back as ``str``, a datetime as ISO text). A row keeps
+``source``, ``position``, ``op``, ``captured_at`` and the fate columns as columns, and the rest
+of the change in one JSON array, ``body`` (schema m003).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from agent.errors import PermanentError
 from agent.model import Change, JournalEntry, utcnow
 from state import checkpoints, codec
 from state.db import State, classify_sqlite, fetch_all, fetch_one
@@ -33,14 +36,21 @@ FATES = OPEN_FATES | SETTLED_FATES
 
 _PRUNE_CHUNK = 10_000
 
-_COLUMNS = (
-    "source, stream, object_name, op, key, fields, unchanged, old_key, position, version, source_ts,"
-    " origin, trace_id, captured_at"
-)
-_WIDTH = 14
-# Rows per INSERT. One multi-row statement costs ~1 us a row less than executemany, which
-# runs one statement per row (and with AUTOINCREMENT updates sqlite_sequence after each).
-_ROWS_PER_STATEMENT = 500
+# One row per captured change, and capture writes them as fast as the ERP produces them: the
+# row holds only what queries filter or order on, and the rest of the change as one JSON array
+# in ``body`` (one encoder call and five bound values per row, instead of 14 values and two
+# JSON texts). Its elements, in order: the format number, stream, object_name, key, fields,
+# unchanged (a sorted list, or null for none), old_key, version, source_ts (``format_ts``
+# text), origin, trace_id. A reader meeting another format number was written by a newer
+# syncagent; migration m003 builds the same array from the older, wide rows.
+_BODY_FORMAT = 1
+_COLUMNS = "source, position, op, body, captured_at"
+_WIDTH = 5
+# Rows per INSERT. One multi-row statement costs less per row than executemany (one statement
+# per row), but preparing one is slow (~3 us a row here), so statements come in a few fixed
+# sizes that the connection's statement cache keeps: full blocks, then the remainder as a sum
+# of powers of two.
+_BLOCK_ROWS = 512
 # Only a duplicate source position is skipped; a NOT NULL or CHECK violation still raises
 # (INSERT OR IGNORE would silently drop such a row too).
 _ON_CONFLICT = " ON CONFLICT (source, position) DO NOTHING"
@@ -49,6 +59,19 @@ _ON_CONFLICT = " ON CONFLICT (source, position) DO NOTHING"
 def _insert_sql(rows: int) -> str:
     one = "(" + ", ".join("?" * _WIDTH) + ")"
     return f"INSERT INTO journal ({_COLUMNS}) VALUES " + ", ".join([one] * rows) + _ON_CONFLICT
+
+
+def _statement_rows(total: int) -> list[int]:
+    """Split ``total`` rows into statement sizes: full blocks, then descending powers of two."""
+    sizes = [_BLOCK_ROWS] * (total // _BLOCK_ROWS)
+    rest = total % _BLOCK_ROWS
+    size = _BLOCK_ROWS
+    while rest:
+        size //= 2
+        if rest >= size:
+            sizes.append(size)
+            rest -= size
+    return sizes
 
 
 _SET_FATE = (
@@ -84,7 +107,7 @@ def append(st: State, changes: Sequence[Change], *, captured_at: datetime | None
     if not changes:
         return 0
     at = codec.format_ts(captured_at or utcnow())
-    dumps = codec.dumps
+    body = codec.dumps_bytes
     fmt = codec.format_ts
     # Encode before taking the write lock, so the lock is held only for the inserts. The
     # changes of one transaction share their commit time: format it once.
@@ -97,29 +120,35 @@ def append(st: State, changes: Sequence[Change], *, captured_at: datetime | None
         if ts is not last_ts:
             last_ts = ts
             last_ts_text = None if ts is None else fmt(ts)
-        old_key = c.old_key
+        unchanged = c.unchanged
         extend((
-            c.source, c.stream, c.object_name, c.op, dumps(c.key), dumps(c.fields),
-            dumps(sorted(c.unchanged)) if c.unchanged else "[]",
-            None if old_key is None else dumps(old_key),
-            c.position, c.version, last_ts_text, c.origin, c.trace_id, at,
+            c.source, c.position, c.op,
+            body((
+                _BODY_FORMAT, c.stream, c.object_name, c.key, c.fields,
+                sorted(unchanged) if unchanged else None, c.old_key, c.version, last_ts_text,
+                c.origin, c.trace_id,
+            )),
+            at,
         ))  # fmt: skip
-    step = _ROWS_PER_STATEMENT * _WIDTH
-    full = _insert_sql(_ROWS_PER_STATEMENT) if len(params) >= step else ""
     added = 0
     with st.write_txn(), classify_sqlite(st.path):
         execute = st.conn.execute
-        for start in range(0, len(params), step):
-            part = params[start : start + step]
-            sql = full if len(part) == step else _insert_sql(len(part) // _WIDTH)
-            added += execute(sql, part).rowcount
+        start = 0
+        for rows in _statement_rows(len(changes)):
+            end = start + rows * _WIDTH
+            added += execute(_insert_sql(rows), params[start:end]).rowcount
+            start = end
     return added
 
 
 def _entry(r: sqlite3.Row, times: dict[str, datetime]) -> JournalEntry:
-    old_key = r["old_key"]
-    source_ts = r["source_ts"]
-    unchanged = r["unchanged"]
+    body = codec.loads(r["body"])
+    if body[0] != _BODY_FORMAT:
+        raise PermanentError(
+            f"journal row {r['seq']} has body format {body[0]!r}, which this syncagent does not know: "
+            "it was written by a newer version; upgrade syncagent"
+        )
+    _, stream, object_name, key, fields, unchanged, old_key, version, source_ts, origin, trace_id = body
     captured = r["captured_at"]
     # A batch shares one capture time: parse each distinct text once per read.
     captured_at = times.get(captured)
@@ -127,18 +156,18 @@ def _entry(r: sqlite3.Row, times: dict[str, datetime]) -> JournalEntry:
         captured_at = times[captured] = codec.parse_ts(captured)
     change = Change(
         source=r["source"],
-        stream=r["stream"],
-        object_name=r["object_name"],
+        stream=stream,
+        object_name=object_name,
         op=r["op"],
-        key=codec.loads(r["key"]),
-        fields=codec.loads(r["fields"]),
+        key=key,
+        fields=fields,
         position=r["position"],
-        version=r["version"],
+        version=version,
         source_ts=None if source_ts is None else codec.parse_ts(source_ts),
-        origin=r["origin"],
-        unchanged=frozenset() if unchanged == "[]" else frozenset(codec.loads(unchanged)),
-        old_key=None if old_key is None else codec.loads(old_key),
-        trace_id=r["trace_id"],
+        origin=origin,
+        unchanged=frozenset(unchanged) if unchanged else frozenset(),
+        old_key=old_key,
+        trace_id=trace_id,
     )
     return JournalEntry(seq=r["seq"], change=change, captured_at=captured_at, status=r["status"])
 

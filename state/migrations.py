@@ -10,6 +10,7 @@ or alters tables at runtime.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 from sqlite_utils import Database
@@ -314,7 +315,74 @@ def m002_workflows(db: Database) -> None:
         db.execute(ddl)
 
 
-_STEPS = (m001_initial_tables, m002_workflows)
+# m003: the compact journal row (see state.journal). The columns that queries filter or order
+# on stay columns; stream, object_name, key, fields, unchanged, old_key, version, source_ts,
+# origin and trace_id move into ``body``, one JSON array, built here from the stored JSON texts
+# as they are (so no value is re-encoded). The AUTOINCREMENT counter is carried over: the
+# resolver's checkpoint and rewinds refer to seqs, and a pruned seq must never come back.
+_JOURNAL_M003_DDL = """
+    CREATE TABLE journal_m003 (
+        seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+        source      TEXT NOT NULL,
+        position    TEXT NOT NULL,
+        op          TEXT NOT NULL
+                    CHECK (op = 'insert' OR op = 'update' OR op = 'delete' OR op = 'read'
+                           OR op = 'truncate'),
+        body        BLOB NOT NULL,
+        captured_at TEXT NOT NULL,
+        status      TEXT NOT NULL DEFAULT 'pending' CHECK (status = 'pending' OR status = 'resolved'),
+        fate        TEXT CHECK (fate = 'queued' OR fate = 'applied' OR fate = 'echo'
+                                OR fate = 'ignored' OR fate = 'conflict' OR fate = 'reverted'
+                                OR fate = 'exception' OR fate = 'noop' OR fate = 'skipped'),
+        fate_detail TEXT,
+        UNIQUE (source, position)
+    )
+"""
+_JOURNAL_M003_COPY = 10_000
+
+
+def _json_text(value: str | None) -> str:
+    """A TEXT column's value as a JSON string (or null), the way the journal encodes it."""
+    return "null" if value is None else json.dumps(value, ensure_ascii=False)
+
+
+def m003_compact_journal(db: Database) -> None:
+    """Rebuild the journal with one JSON ``body`` per row instead of ten value columns."""
+    conn = db.conn
+    conn.execute(_JOURNAL_M003_DDL)
+    rows = conn.execute(
+        "SELECT seq, source, stream, object_name, op, key, fields, unchanged, old_key, position,"
+        " version, source_ts, origin, trace_id, captured_at, status, fate, fate_detail"
+        " FROM journal ORDER BY seq"
+    )
+    insert = (
+        "INSERT INTO journal_m003 (seq, source, position, op, body, captured_at, status, fate,"
+        " fate_detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    )
+    while batch := rows.fetchmany(_JOURNAL_M003_COPY):
+        out = []
+        for (seq, source, stream, object_name, op, key, fields, unchanged, old_key, position,
+             version, source_ts, origin, trace_id, captured_at, status, fate, detail) in batch:  # fmt: skip
+            body = ",".join((
+                "[1", _json_text(stream), _json_text(object_name), key, fields,
+                "null" if unchanged == "[]" else unchanged, old_key or "null", _json_text(version),
+                _json_text(source_ts), _json_text(origin), _json_text(trace_id),
+            )) + "]"  # fmt: skip
+            out.append((seq, source, position, op, body.encode(), captured_at, status, fate, detail))
+        conn.executemany(insert, out)
+    conn.execute(
+        "INSERT INTO sqlite_sequence (name, seq) SELECT 'journal_m003', seq FROM sqlite_sequence"
+        " WHERE name = 'journal' AND NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'journal_m003')"
+    )
+    conn.execute(
+        "UPDATE sqlite_sequence SET seq = max(seq, coalesce((SELECT seq FROM sqlite_sequence"
+        " WHERE name = 'journal'), 0)) WHERE name = 'journal_m003'"
+    )
+    conn.execute("DROP TABLE journal")
+    conn.execute("ALTER TABLE journal_m003 RENAME TO journal")
+
+
+_STEPS = (m001_initial_tables, m002_workflows, m003_compact_journal)
 
 
 def migration_set() -> Migrations:

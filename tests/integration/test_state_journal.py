@@ -259,3 +259,66 @@ def test_journal_append_throughput_when_200k_changes_in_batches_of_10k(st: State
     # A loose floor: the 2-core shared test machine does ~140k/s; this catches regressions
     # of the kind an IN-list CHECK (40%) or an extra index (15% each) would cause.
     assert rate > 50_000
+
+
+def test_journal_migration_m003_keeps_rows_fates_and_seq_counter_when_upgrading_a_wide_journal(
+    tmp_path: Path,
+) -> None:
+    from sqlite_utils import Database
+    from sqlite_utils.migrations import Migrations
+
+    from state.migrations import m001_initial_tables, m002_workflows
+
+    path = tmp_path / "old.db"
+    raw = sqlite3.connect(path, isolation_level=None)
+    old = Migrations("syncagent")
+    old(name="m001_initial_tables")(m001_initial_tables)
+    old(name="m002_workflows")(m002_workflows)
+    old.apply(Database(raw))
+    wide = (
+        "INSERT INTO journal (source, stream, object_name, op, key, fields, unchanged, old_key,"
+        " position, version, source_ts, origin, trace_id, captured_at, status, fate, fate_detail)"
+        " VALUES (?, 'wal', 'public.orders', ?, ?, ?, ?, ?, ?, '0/10', ?, ?, ?, ?, ?, ?, ?)"
+    )
+    at = "2024-05-01T12:00:00.000000+00:00"
+    raw.executemany(
+        wide,
+        [
+            ("erp", "update", '{"id":1}', '{"id":1,"amount":"10.50","n":"é"}', '["blob","notes"]',
+             '{"id":0}', "0/10:0", "2024-05-01T14:00:00.000000+00:00", "syncagent", "t1", at,
+             "resolved", "applied", "done"),
+            ("erp", "delete", '{"id":2}', '{"id":2}', "[]", None, "0/10:1", None, None, "t2", at,
+             "pending", None, None),
+            ("crm", "insert", '{"id":3}', '{"big":123456789012345678901234567890}', "[]", None,
+             "0/10:1", at, None, "t3", at, "pending", None, None),
+        ],
+    )  # fmt: skip
+    raw.execute("DELETE FROM journal WHERE seq = 3")  # pruned: seq 3 must never come back
+    raw.close()
+
+    st = open_state(path)
+    try:
+        rows = journal.list_entries(st)
+        assert [(r.entry.seq, r.fate, r.fate_detail, r.entry.status) for r in rows] == [
+            (1, "applied", "done", "resolved"),
+            (2, None, None, "pending"),
+        ]
+        first, second = rows[0].entry.change, rows[1].entry.change
+        assert first == Change(
+            source="erp", stream="wal", object_name="public.orders", op="update", key={"id": 1},
+            fields={"id": 1, "amount": "10.50", "n": "é"}, position="0/10:0", version="0/10",
+            source_ts=datetime(2024, 5, 1, 14, 0, tzinfo=UTC), origin="syncagent",
+            unchanged=frozenset({"blob", "notes"}), old_key={"id": 0}, trace_id="t1",
+        )  # fmt: skip
+        assert (second.op, second.unchanged, second.old_key, second.source_ts) == (
+            "delete",
+            frozenset(),
+            None,
+            None,
+        )
+        assert rows[0].entry.captured_at == T0
+        assert journal.append(st, [change(9)]) == 1
+        assert journal.last_seq(st) == 4, "a pruned seq was handed out again"
+        assert journal.append(st, [change(9)]) == 0, "(source, position) is still unique"
+    finally:
+        st.close()
