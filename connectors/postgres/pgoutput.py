@@ -293,12 +293,10 @@ def _end(data: bytes, pos: int, what: str) -> None:
 class Decoder:
     """Decodes pgoutput v1 messages one at a time, remembering Relation and Type messages."""
 
-    __slots__ = ("_names", "_relations", "_relations_view", "_types", "_types_view")
+    __slots__ = ("_relations", "_relations_view", "_types", "_types_view")
 
     def __init__(self) -> None:
         self._relations: dict[int, Relation] = {}
-        # Column names per relation id, for plain_row (absent where two columns share a name).
-        self._names: dict[int, tuple[str, ...]] = {}
         self._types: dict[int, TypeInfo] = {}
         self._relations_view = MappingProxyType(self._relations)
         self._types_view = MappingProxyType(self._types)
@@ -408,53 +406,17 @@ class Decoder:
             self._check_row(data, pos, "Delete", rel, old, 6)
         return 68, rel, old, "K" if marker == 75 else "O", None
 
-    def plain_row(
-        self, data: bytes, _H=_H, _I=_I
-    ) -> tuple[int, Relation, dict[str, str | None], str | None] | None:
-        """Decode the common row change straight into ``{column: text or None}``, or return None.
+    def begin_fields(self, data: bytes) -> tuple[int, datetime] | None:
+        """Return a Begin message's ``(final_lsn, commit_ts)`` without building it; None otherwise.
 
-        Handles an Insert, an Update without an old tuple, and a Delete, whose columns are all
-        text or NULL: ``(tag, relation, values, old_kind)``, ``old_kind`` being None except
-        for a Delete ('K' or 'O', as in :class:`Delete`; its values are the old row's). Anything
-        else, malformed input included, returns None, and :meth:`row_change` or
-        :meth:`decode` then gives the full answer (or error). This skips the intermediate
-        tuple and message object of the general path.
+        None also for a malformed Begin, which :meth:`decode` then reports.
         """
-        if type(data) is not bytes:
+        if type(data) is not bytes or len(data) != 21 or data[0] != 66:
             return None
-        try:
-            tag = data[0]
-            marker = data[5]
-            if tag == 73 or tag == 85:
-                if marker != 78:
-                    return None
-                old_kind = None
-            elif tag == 68 and (marker == 75 or marker == 79):
-                old_kind = "K" if marker == 75 else "O"
-            else:
-                return None
-            relid = _I(data, 1)[0]
-            names = self._names.get(relid)
-            if names is None or _H(data, 6)[0] != len(names):
-                return None
-            values: dict[str, str | None] = {}
-            pos = 8
-            for name in names:
-                kind = data[pos]
-                if kind == 116:  # 't'
-                    start = pos + 5
-                    pos = start + _I(data, pos + 1)[0]
-                    values[name] = data[start:pos].decode()
-                elif kind == 110:  # 'n'
-                    values[name] = None
-                    pos += 1
-                else:  # 'u' (unchanged TOAST) or 'b': the general path
-                    return None
-        except (IndexError, struct.error, UnicodeDecodeError):
+        final_lsn, ts, _ = _BEGIN(data, 1)
+        if not _TS_MIN <= ts <= _TS_MAX:
             return None
-        if pos != len(data):
-            return None
-        return tag, self._relations[relid], values, old_kind
+        return final_lsn, _PG_EPOCH + timedelta(microseconds=ts)
 
     def commit_end_lsn(self, data: bytes) -> int | None:
         """Return a Commit message's ``end_lsn`` without building it; None for anything else.
@@ -540,11 +502,6 @@ class Decoder:
         _end(data, pos, "Relation")
         rel = Relation(relid, namespace or "pg_catalog", name, replident, tuple(columns))
         self._relations[relid] = rel
-        names = tuple(c.name for c in columns)
-        if len(set(names)) == len(names):
-            self._names[relid] = names
-        else:
-            self._names.pop(relid, None)
         return rel
 
     def _truncate(self, data: bytes) -> Truncate:

@@ -11,6 +11,7 @@ the changes. A huge transaction therefore spans many chunks without being held i
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,7 +20,7 @@ from typing import Any
 import psycopg
 
 from agent.errors import CursorUnavailable, PermanentError
-from agent.model import Batch, Change, ChangeOp, Cursor, Problem, build_change, new_trace_ids, utcnow
+from agent.model import Batch, Change, ChangeOp, Cursor, Problem, new_trace_ids, utcnow
 from connectors.postgres import slot as slots
 from connectors.postgres.checks import check
 from connectors.postgres.errors import classify_pg
@@ -39,6 +40,7 @@ from connectors.postgres.pgoutput import (
     str_to_lsn,
 )
 from connectors.postgres.resync import CURSOR_VERSION, resync_batches
+from connectors.postgres.rows import RowReader, compile_reader
 from connectors.postgres.slot import SlotLag, TableSpec
 from connectors.postgres.values import (
     SCALAR_OIDS,
@@ -52,10 +54,10 @@ logger = logging.getLogger(__name__)
 
 STREAM = "wal"
 _MAX_UNCONSUMED_MARKS = 10_000
-# Types whose converted values are immutable and whose text tends to repeat across rows.
+# Types whose converted values are immutable and whose text tends to repeat across rows (a
+# now() default or a trigger stamps every row of a transaction alike).
 _MEMO_TYPES = frozenset({"timestamptz", "timestamp", "date"})
-_MEMO_SIZE = 4096
-_NO_COLUMNS: frozenset[str] = frozenset()
+_RELID = struct.Struct(">I").unpack_from
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,11 +70,8 @@ class _Plan:
     converters: tuple[Converter | None, ...]
     key: tuple[tuple[str, int], ...]
     identity: tuple[int, ...]
-    # The hot path's view: only the columns that convert, with a memo for types whose text
-    # repeats within a transaction (a now() default or trigger stamps every row alike).
-    converting: tuple[tuple[str, Converter, dict[str, object] | None], ...]
-    key_names: tuple[str, ...]
-    identity_names: tuple[str, ...]
+    # The compiled hot path for plain row changes (None where column names repeat).
+    reader: RowReader | None
 
 
 class _Poll:
@@ -137,7 +136,7 @@ class PostgresSource:
         cursor_lsn = _cursor_lsn(cursor)
         if self._poll is not None and cursor_lsn is not None and cursor_lsn != self._poll.returned_lsn:
             logger.info("event=pg_peek_restarted slot=%s reason=cursor_moved", self.slot)
-            self._close_poll()
+            self._close_poll(advance=True)
         try:
             if self._poll is None:
                 self._poll = self._open_poll(cursor_lsn)
@@ -145,6 +144,9 @@ class PostgresSource:
             size = max(1, min(limit, self._chunk_rows))
             rows = poll.peek.fetch(size)
             changes = self._decode(poll, rows)
+            if changes and changes[0].source_ts is not None:
+                # The oldest transaction this chunk delivered changes of (oldest_unconsumed_at).
+                self._mark(str_to_lsn(changes[0].version), changes[0].source_ts)
             exhausted = len(rows) < size
             lsn = poll.last_complete
             capped = exhausted and poll.peek.capped
@@ -155,7 +157,8 @@ class PostgresSource:
                 lsn = max(lsn, poll.peek.upto_lsn)
                 self._close_poll()
             else:
-                self._mark_in_progress(poll)
+                if poll.version is not None and poll.commit_ts is not None:
+                    self._mark(poll.final_lsn, poll.commit_ts)  # the transaction still open
                 poll.returned_lsn = lsn
         except BaseException:
             self._discard()
@@ -177,11 +180,15 @@ class PostgresSource:
         if lsn is None:
             return
         self._unconsumed = [m for m in self._unconsumed if m[0] >= lsn]
+        target = max(self._pending_advance or 0, lsn)
         if self._poll is not None:
-            self._pending_advance = max(self._pending_advance or 0, lsn)
+            self._pending_advance = target
             return
+        # One advance for everything committed during the poll: each one re-decodes the WAL
+        # from the slot's restart_lsn on the server.
+        self._pending_advance = None
         try:
-            slots.advance(self._connection(), self.slot, lsn)
+            slots.advance(self._connection(), self.slot, target)
         except BaseException:
             self._discard()
             raise
@@ -215,7 +222,7 @@ class PostgresSource:
 
     def close(self) -> None:
         """Close the peek (if open), the connection and the lookup session."""
-        self._close_poll()
+        self._close_poll(advance=True)
         self._lookup.close()
         if self._conn is not None and not self._conn.closed:
             self._conn.close()
@@ -252,14 +259,22 @@ class PostgresSource:
         )  # fmt: skip
         return _Poll(peek, start_lsn=max(confirmed, peek.confirmed_flush))
 
-    def _close_poll(self) -> None:
+    def _close_poll(self, *, advance: bool = False) -> None:
+        """Close the peek; with ``advance``, also move the slot for what was committed meanwhile.
+
+        Otherwise that advance waits for the next ``commit``: the last chunk of a poll is
+        always followed by one, and one advance is cheaper than two. (Should it never come,
+        the next poll moves the slot to the journal's checkpoint before peeking.)
+        """
         poll, self._poll = self._poll, None
         if poll is None:
             return
         poll.peek.close()
         pending, self._pending_advance = self._pending_advance, None
-        if pending is not None:
+        if pending is not None and advance:
             slots.advance(self._connection(), self.slot, pending)
+        else:
+            self._pending_advance = pending
 
     def _discard(self) -> None:
         """Drop the poll and the connection after a failure; the next read starts afresh."""
@@ -271,10 +286,6 @@ class PostgresSource:
             except Exception:  # pragma: no cover - closing a broken connection
                 logger.debug("event=pg_close_failed slot=%s", self.slot)
         self._conn = None
-
-    def _mark_in_progress(self, poll: _Poll) -> None:
-        if poll.version is not None and poll.commit_ts is not None:
-            self._mark(poll.final_lsn, poll.commit_ts)
 
     def _mark(self, final_lsn: int, ts: datetime) -> None:
         marks = self._unconsumed
@@ -317,15 +328,13 @@ class PostgresSource:
         if rel.replident == "f":
             identity = tuple(range(len(names)))
         converters = row_converters(rel.columns, poll.decoder.types)
-        converting: tuple[tuple[str, Converter, dict[str, object] | None], ...] = tuple(
-            (
-                col.name,
-                unchecked_converter_for(col.type_oid) or conv,
-                {} if SCALAR_OIDS.get(col.type_oid) in _MEMO_TYPES else None,
-            )
-            for col, conv in zip(rel.columns, converters, strict=True)
-            if conv is not None
-        )
+        reader = None
+        if len(set(names)) == len(names):
+            fast = [_fast_kind(col.type_oid) for col in rel.columns]
+            reader = compile_reader(
+                source=self.name, stream=STREAM, object_name=rel.qualified_name, names=names,
+                converters=converters, fast=fast, key=[position[k] for k in key_names], identity=identity,
+            )  # fmt: skip
         return _Plan(
             relation=rel,
             object_name=rel.qualified_name,
@@ -333,132 +342,74 @@ class PostgresSource:
             converters=converters,
             key=tuple((k, position[k]) for k in key_names),
             identity=identity,
-            converting=converting,
-            # The hot path reads the key from the fields dict, so it needs distinct names.
-            key_names=tuple(key_names) if len(set(names)) == len(names) else (),
-            identity_names=tuple(names[i] for i in identity),
+            reader=reader,
         )
 
     def _decode(self, poll: _Poll, rows: Sequence[bytes]) -> list[Change]:
         out: list[Change] = []
         append = out.append
         decoder = poll.decoder
-        decode, plain_row, commit_end_lsn = decoder.decode, decoder.plain_row, decoder.commit_end_lsn
-        # By id(): hashing a Relation hashes all its columns. Holding the Relation keeps its
-        # id from being reused for another one during this call.
-        plans: dict[int, tuple[Relation, _Plan | None]] = {}
-        source = self.name
-        first_mark = True
-        last_rel: Relation | None = None
-        plan: _Plan | None = None
+        relations = decoder.relations
+        decode, begin_fields, commit_end_lsn = decoder.decode, decoder.begin_fields, decoder.commit_end_lsn
+        # What the row changes of a relation id (its 4 wire bytes) need: (plan, compiled reader),
+        # the plan None for a table that is not mapped. Emptied at every Relation message.
+        plans: dict[bytes, tuple[_Plan | None, RowReader | None]] = {}
         index = poll.index
+        version, ts, origin = poll.version, poll.commit_ts, poll.origin
+        text = version or ""
         # One urandom call per chunk instead of a uuid4 per change: same 16-hex-digit trace id.
         for data, trace_id in zip(rows, new_trace_ids(len(rows)), strict=True):
-            # The common case, inline: a row change of text/NULL columns (see plain_row).
-            plain = plain_row(data)
-            if plain is not None:
-                tag, rel, _, old_kind = plain
-                fields: dict[str, Any] = plain[2]
-                this = index
-                index += 1
-                if rel is not last_rel:
-                    last_rel = rel
-                    cached = plans.get(id(rel))
-                    if cached is None:
-                        cached = plans[id(rel)] = (rel, self._plan(rel, poll))
-                    plan = cached[1]
-                if plan is None:
-                    continue
-                change = None
-                key_names = plan.key_names
-                if key_names:
-                    try:
-                        for column, conv, memo in plan.converting:
-                            v = fields[column]
-                            if type(v) is str:
-                                if memo is None:
-                                    fields[column] = conv(v)
-                                else:
-                                    c = memo.get(v)
-                                    if c is None:
-                                        c = conv(v)
-                                        if len(memo) >= _MEMO_SIZE:
-                                            memo.clear()
-                                        memo[v] = c
-                                    fields[column] = c
-                    except (PgValueError, ValueError, ArithmeticError):
-                        pass  # the general path keeps the server's text, and says so
-                    else:
-                        if len(key_names) == 1:
-                            k = key_names[0]
-                            key = {k: fields[k]}
-                        else:
-                            key = {k: fields[k] for k in key_names}
-                        if tag == 73:
-                            op: ChangeOp = "insert"
-                        elif tag == 85:
-                            op = "update"
-                        else:
-                            op = "delete"
-                            if old_kind == "K":
-                                fields = {n: fields[n] for n in plan.identity_names}
-                        version = poll.version
-                        change = build_change(
-                            source, STREAM, plan.object_name, op, key, fields, f"{version}:{this}",
-                            version or "", poll.commit_ts, poll.origin, _NO_COLUMNS, None, trace_id,
-                        )  # fmt: skip
-                if change is None:
-                    msg: Insert | Update | Delete
-                    values = tuple(fields.values())
-                    if tag == 73:
-                        msg = Insert(rel, values)
-                    elif tag == 85:
-                        msg = Update(rel, None, None, values)
-                    else:
-                        msg = Delete(rel, values, old_kind or "K")
-                    change = self._change(poll, plan, msg, this, trace_id)
-                append(change)
-                if first_mark and poll.commit_ts is not None:
-                    self._mark(poll.final_lsn, poll.commit_ts)
-                    first_mark = False
-                continue
-            end_lsn = commit_end_lsn(data)
-            if end_lsn is not None:
-                poll.last_complete = end_lsn
-                poll.version = None
-                poll.commit_ts = None
-                continue
-            msg2 = decode(data)
-            if isinstance(msg2, Insert | Update | Delete):
-                this = index
-                index += 1
-                plan = self._plan(msg2.relation, poll)
-                last_rel = msg2.relation
-                plans[id(last_rel)] = (last_rel, plan)
+            tag = data[0] if data else -1
+            if tag == 73 or tag == 85 or tag == 68:
+                found = plans.get(data[1:5])
+                if found is None:
+                    rel = relations.get(int.from_bytes(data[1:5], "big"))
+                    if rel is None:
+                        decode(data)  # raises: unknown relation id, or a truncated message
+                        continue  # pragma: no cover - decode raised
+                    plan = self._plan(rel, poll)
+                    found = plans[data[1:5]] = (plan, plan.reader if plan is not None else None)
+                plan, reader = found
                 if plan is not None:
-                    append(self._change(poll, plan, msg2, this, trace_id))
-                    if first_mark and poll.commit_ts is not None:
-                        self._mark(poll.final_lsn, poll.commit_ts)
-                        first_mark = False
-            elif isinstance(msg2, Begin):
-                poll.final_lsn = msg2.final_lsn
-                poll.version = lsn_to_str(msg2.final_lsn)
-                poll.commit_ts = msg2.commit_ts
-                poll.origin = None
+                    change = None
+                    if reader is not None:
+                        change = reader(data, f"{text}:{index}", text, ts, origin, trace_id)
+                    if change is None:
+                        msg = decode(data)
+                        assert isinstance(msg, Insert | Update | Delete)
+                        change = self._change(poll, plan, msg, index, trace_id)
+                    append(change)
+                index += 1
+            elif tag == 66 and (begin := begin_fields(data)) is not None:
+                poll.final_lsn, ts = begin
+                poll.commit_ts = ts
+                poll.version = version = text = lsn_to_str(poll.final_lsn)
+                poll.origin = origin = None
                 index = 0
-            elif isinstance(msg2, Commit):
-                poll.last_complete = msg2.end_lsn
-                poll.version = None
-                poll.commit_ts = None
-            elif isinstance(msg2, Origin):
-                poll.origin = msg2.name
-            elif isinstance(msg2, Truncate):
-                for rel in msg2.relations:
-                    this = index
-                    index += 1
-                    tplan = self._plan(rel, poll)
-                    if tplan is not None:
-                        append(self._truncate(poll, tplan, this))
+            elif tag == 67 and (end_lsn := commit_end_lsn(data)) is not None:
+                poll.last_complete = end_lsn
+                poll.version = poll.commit_ts = version = ts = None
+                text = ""
+            else:
+                msg2 = decode(data)
+                if isinstance(msg2, Begin):  # pragma: no cover - begin_fields reads every valid one
+                    poll.final_lsn, poll.commit_ts = msg2.final_lsn, msg2.commit_ts
+                    poll.version = version = text = lsn_to_str(msg2.final_lsn)
+                    ts, poll.origin, origin, index = msg2.commit_ts, None, None, 0
+                elif isinstance(msg2, Commit):  # pragma: no cover - as above, commit_end_lsn
+                    poll.last_complete = msg2.end_lsn
+                    poll.version = poll.commit_ts = version = ts = None
+                    text = ""
+                elif isinstance(msg2, Origin):
+                    poll.origin = origin = msg2.name
+                elif isinstance(msg2, Relation):
+                    plans.clear()
+                elif isinstance(msg2, Truncate):
+                    for rel in msg2.relations:
+                        tplan = self._plan(rel, poll)
+                        if tplan is not None:
+                            append(self._truncate(poll, tplan, index))
+                        index += 1
         poll.index = index
         return out
 
@@ -566,6 +517,24 @@ class PostgresSource:
             after_key=after_key,
             chunk=chunk,
         )
+
+
+def _relid(data: bytes) -> int:
+    """The relation id of a row change message (0, which no table has, when it is too short)."""
+    try:
+        return int(_RELID(data, 1)[0])
+    except struct.error:
+        return 0
+
+
+def _fast_kind(type_oid: int) -> str | None:
+    """How a compiled reader converts a column of this type (see ``rows.compile_reader``)."""
+    unchecked = unchecked_converter_for(type_oid)
+    if unchecked is int:
+        return "int"
+    if unchecked is not None:
+        return "decimal"
+    return "memo" if SCALAR_OIDS.get(type_oid) in _MEMO_TYPES else None
 
 
 def _check_stream(stream: str) -> None:
