@@ -8,8 +8,10 @@ shadow: what the agent last wrote to or saw in that system.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
+from agent.decision import SeenValue
 from agent.model import Change
 
 
@@ -21,3 +23,22 @@ def is_origin_echo(change: Change, own_origins: frozenset[str]) -> bool:
 def changed_fields(canonical: Mapping[str, Any], shadow: Mapping[str, Any]) -> dict[str, Any]:
     """The canonical fields whose value differs from what the agent last saw in that system."""
     return {k: v for k, v in canonical.items() if k not in shadow or shadow[k] != v}
+
+
+def without_stale(
+    canonical: Mapping[str, Any], seen: Mapping[str, SeenValue], change_ts: datetime | None
+) -> dict[str, Any]:
+    """Drop the fields whose shadow in the source system is newer than the change's image.
+
+    A database row image carries every column as it was at its commit: captured after the
+    agent wrote a newer value to that row, its older columns are history, not edits. Both
+    stamps come from the source system's own clock (its commit time, and the sink's reading
+    taken after its write), so they compare without skew.
+    """
+    if change_ts is None:
+        return dict(canonical)
+    return {
+        k: v
+        for k, v in canonical.items()
+        if (s := seen.get(k)) is None or s.source_ts is None or s.source_ts <= change_ts
+    }

@@ -145,6 +145,20 @@ class EntityMapper:
             out[rule.name] = normalize(value, rule.type, record=record, field=rule.name)
         return out
 
+    def readable(
+        self, system: str, native: Mapping[str, Any], *, record: str, refs: RefResolver | None = None
+    ) -> tuple[dict[str, Any], list[DataError]]:
+        """Like ``to_canonical``, column by column: one unmappable value hides only its own field."""
+        out: dict[str, Any] = {}
+        errors: list[DataError] = []
+        for column in self._by_column.get(system, {}):
+            if column in native:
+                try:
+                    out.update(self.to_canonical(system, {column: native[column]}, record=record, refs=refs))
+                except DataError as exc:
+                    errors.append(exc)
+        return out, errors
+
     def to_native(
         self, system: str, canonical: Mapping[str, Any], *, record: str, refs: RefResolver | None = None
     ) -> dict[str, Any]:

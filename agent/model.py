@@ -219,7 +219,10 @@ class Op:
     makes enqueueing the same op twice a no-op. ``canonical`` holds the canonical values
     the op writes, recorded in the shadow once the target confirms them. A ``unit`` op
     carries ``fields = {"steps": [...]}``: several upserts a sink applies all or nothing.
-    ``workflow`` names the workflow instance the op belongs to, if any.
+    ``workflow`` names the workflow instance the op belongs to, if any. ``in_doubt``: an
+    earlier attempt was sent and no answer saying it failed was recorded (a crash, a
+    timeout, a 5xx), so it may have landed; ``base`` then tells "not landed" from "changed
+    since" when the target is read before a resend.
     """
 
     idempotency_key: str
@@ -236,6 +239,9 @@ class Op:
     attempts: int = 0
     canonical: Mapping[str, Any] = field(default_factory=dict)
     workflow: str | None = None
+    in_doubt: bool = False
+    # The target's values of these canonical fields that the op was built to replace.
+    base: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,11 +255,16 @@ class Outcome:
     reason: str | None = None
     detail: str | None = None
     field_name: str | None = None
+    # The target's own clock, read after the write and before it committed: a captured image
+    # of the record stamped earlier than this predates the write (see agent.resolve).
+    written_at: datetime | None = None
 
     @classmethod
-    def applied(cls, external_id: str, version: str | None = None) -> Outcome:
+    def applied(
+        cls, external_id: str, version: str | None = None, written_at: datetime | None = None
+    ) -> Outcome:
         """Build an 'applied' outcome with the record's id in the target."""
-        return cls("applied", external_id=external_id, version=version)
+        return cls("applied", external_id=external_id, version=version, written_at=written_at)
 
     @classmethod
     def retry(cls, after: float | None, reason: str) -> Outcome:

@@ -19,16 +19,19 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Literal
 
-from agent.errors import DataError, PermanentError, RetryableError
+from agent.errors import DataError, PermanentError, RateLimited, RetryableError
 from agent.logging import log_event
 from agent.model import Batch, Cursor, JournalEntry, Op, Outcome, utcnow
 from agent.parking import open_problem
+from agent.reconcile import Lookup
+from agent.resend import narrow_replayed_first_copy, verify_in_doubt
 from agent.resolve import Decision, Resolver
 from agent.retry import RetryPolicy, retry_after_of
 from agent.storeview import StoreView
 from agent.workflows import runner
-from agent.writeback import is_first_copy, without_fields, writeback_ops
+from agent.writeback import is_first_copy, writeback_ops
 from connectors.base import Resync, Sink, Source
 from state import audit, checkpoints, exceptions, journal, outbox, shadow, xref
 from state.db import State
@@ -357,15 +360,28 @@ def deliver(
     policy: RetryPolicy,
     limit: int = 200,
     clock: Callable[[], datetime] = utcnow,
+    lookup: Lookup | None = None,
 ) -> DeliverResult:
-    """Apply due ops for one target and record every outcome with its xref and shadow."""
+    """Apply due ops for one target and record every outcome with its xref and shadow.
+
+    ``lookup`` reads the target by id, so that ops whose earlier attempt may have landed
+    are first checked against it (``agent.resend``).
+    """
     now = clock()
-    ops = outbox.claim_due(st, sink.name, now=now, limit=limit)
-    if not ops:
+    claimed = outbox.claim_due(st, sink.name, now=now, limit=limit)
+    if not claimed:
         return DeliverResult(sink.name, 0, 0, 0)
-    ops = [_narrow_if_replayed(st, resolver, op) for op in ops]
+    claimed = [narrow_replayed_first_copy(st, resolver, op) for op in claimed]
     try:
-        outcomes = sink.apply(ops)
+        checked = verify_in_doubt(st, resolver, lookup, claimed)
+    except RetryableError as exc:
+        _retry_all(st, claimed, exc, policy, now, sent=False)
+        raise
+    ops = checked.send
+    outbox.mark_verified(st, checked.checked)
+    outbox.mark_sending(st, [_id(op) for op in ops])
+    try:
+        outcomes = sink.apply(ops) if ops else []
     except RetryableError as exc:
         _retry_all(st, ops, exc, policy, now)
         raise
@@ -376,7 +392,7 @@ def deliver(
     applied = retried = rejected = 0
     arrived: set[str] = set()
     with st.write_txn():
-        for op, out in zip(ops, outcomes, strict=True):
+        for op, out in [*checked.settled, *zip(ops, outcomes, strict=True)]:
             if out.status == "applied":
                 arrived.update(_applied(st, resolver, op, out))
                 applied += 1
@@ -409,8 +425,14 @@ def _id(op: Op) -> int:
     return op.op_id
 
 
-def _retry_all(st: State, ops: list[Op], exc: RetryableError, policy: RetryPolicy, now: datetime) -> None:
+def _retry_all(
+    st: State, ops: list[Op], exc: RetryableError, policy: RetryPolicy, now: datetime, *, sent: bool = True
+) -> None:
     retry_after = retry_after_of(exc)
+    # A rate limit refuses the request; a timeout, a 5xx or a dropped connection may not have.
+    outcome: Literal["refused", "unknown", "not_sent"] = (
+        "not_sent" if not sent else "refused" if isinstance(exc, RateLimited) else "unknown"
+    )
     with st.write_txn():
         for op in ops:
             outbox.mark_retry(
@@ -418,6 +440,7 @@ def _retry_all(st: State, ops: list[Op], exc: RetryableError, policy: RetryPolic
                 _id(op),
                 reason=type(exc).__name__,
                 next_attempt_at=policy.next_attempt_at(now, op.attempts + 1, retry_after=retry_after),
+                outcome=outcome,
             )
     log_event(
         logger,
@@ -428,26 +451,6 @@ def _retry_all(st: State, ops: list[Op], exc: RetryableError, policy: RetryPolic
         retry_after=retry_after,
         level=logging.WARNING,
     )
-
-
-def _narrow_if_replayed(st: State, resolver: Resolver, op: Op) -> Op:
-    """A first copy never overwrites a value the target changed after the op was made.
-
-    A create applied but not recorded (a crash) comes again after a restart; meanwhile the
-    target's record may have been edited, and since the agent's own writes come back as
-    echoes nothing would correct a replay that undid those edits. A field the target changed
-    itself (captured, not written by us) after this op was queued is left out of it.
-    """
-    if op.action != "upsert" or op.op_id is None or not is_first_copy(resolver.config, op):
-        return op
-    if xref.external_id(st, op.entity, op.canonical_id, op.target) is None:
-        return op
-    row = outbox.get(st, op.op_id)
-    if row is None:
-        return op
-    seen = shadow.get(st, op.entity, op.canonical_id, op.target)
-    newer = {f for f, v in seen.items() if not v.written_by_agent and v.updated_at > row.created_at}
-    return without_fields(resolver.config, op, newer) if newer & set(op.canonical) else op
 
 
 def _applied(st: State, resolver: Resolver, op: Op, out: Outcome) -> list[str]:
@@ -468,7 +471,13 @@ def _applied(st: State, resolver: Resolver, op: Op, out: Outcome) -> list[str]:
             outbox.enqueue(st, writeback_ops(resolver.config, op, out.external_id, members))
     if op.canonical and op.action != "unit":
         shadow.put(
-            st, op.entity, op.canonical_id, op.canonical, system=op.target, by_agent=True, source_ts=None
+            st,
+            op.entity,
+            op.canonical_id,
+            op.canonical,
+            system=op.target,
+            by_agent=True,
+            source_ts=out.written_at,
         )
     if op.source_seq is not None:
         journal.set_fate(st, [(op.source_seq, "applied", f"{op.target}:{out.external_id}")])

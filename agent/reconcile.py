@@ -226,13 +226,20 @@ def lookups_of(runtime: Runtime, entity: EntityConfig) -> tuple[dict[str, Lookup
     found: dict[str, Lookup] = {}
     skipped: dict[str, str] = {}
     for system in entity.systems:
-        for conn in (runtime.sources.get(system), runtime.sinks.get(system)):
-            if conn is not None and isinstance(conn, Lookup):
-                found[system] = conn
-                break
+        conn = lookup_for(runtime, system)
+        if conn is not None:
+            found[system] = conn
         else:
             skipped[system] = "connector cannot read records by id"
     return found, skipped
+
+
+def lookup_for(runtime: Runtime, system: str) -> Lookup | None:
+    """The connector of ``system`` that can read records by id, if it has one."""
+    for conn in (runtime.sources.get(system), runtime.sinks.get(system)):
+        if conn is not None and isinstance(conn, Lookup):
+            return conn
+    return None
 
 
 def reconcile(
@@ -373,17 +380,10 @@ class _Run:
                 self._record(cid, members, diffs, gone, fetched_at)
 
     def _canonical(self, cid: str, system: str, eid: str, native: Mapping[str, Any]) -> dict[str, Any]:
-        # Column by column, so one unmappable value hides only its own field.
         record = f"{system}:{self.entity.systems[system].object}:{eid}"
-        to_canonical = self.mapper.to_canonical
-        out: dict[str, Any] = {}
-        for column in self.mapper.columns(system):
-            if column not in native:
-                continue
-            try:
-                out.update(to_canonical(system, {column: native[column]}, record=record, refs=self._ref_in))
-            except DataError as exc:
-                self._unreadable(cid, system, exc.field, exc.reason)
+        out, errors = self.mapper.readable(system, native, record=record, refs=self._ref_in)
+        for exc in errors:
+            self._unreadable(cid, system, exc.field, exc.reason)
         return out
 
     def _ref_in(self, ref_entity: str, system: str, value: Any) -> Any:

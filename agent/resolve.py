@@ -17,9 +17,9 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from agent import ownership
-from agent.config import SHARED, Config, EntityConfig, SystemMapping
+from agent.config import Config, EntityConfig, SystemMapping
 from agent.decision import AuditItem, Decision, ProblemItem, SeenValue, StateView
-from agent.echo import changed_fields, is_origin_echo
+from agent.echo import changed_fields, is_origin_echo, without_stale
 from agent.errors import DataError
 from agent.mapping import EntityMapper
 from agent.model import Change, JournalEntry, Op
@@ -130,7 +130,12 @@ class _Resolution:
         if c.op == "delete":
             return self._delete(cid)
         seen_before = view.shadow(name, cid, c.source)
-        changed = changed_fields(canonical, {k: v.value for k, v in seen_before.items()})
+        fresh = without_stale(canonical, seen_before, c.source_ts)
+        changed = changed_fields(fresh, {k: v.value for k, v in seen_before.items()})
+        # A value an op queued for this very system writes (or wrote, its answer lost) is the
+        # agent's own write coming back, even before the shadow records it.
+        ours = view.pending_values(name, cid, c.source) if changed else {}
+        changed = {k: v for k, v in changed.items() if k not in ours or ours[k] != v}
         flows = self._workflows(cid, canonical, changed, seen_before, new)
         # A record is in step only where it exists: a target still without a copy (its first
         # copy failed or was parked, e.g. for a customer not yet linked) gets one now.
@@ -154,7 +159,7 @@ class _Resolution:
             entity=name,
             canonical_id=cid,
             link=(c.source, self.rid),
-            seen=canonical,
+            seen=fresh,
             natural=natural,
             ops=tuple(self.ops),
             problems=tuple(self.problems),
@@ -278,24 +283,21 @@ class _Resolution:
         tid = self.view.external_id(name, cid, target)
         if tid is None and (name, target) in self.r.claims:
             return  # a workflow creates this record in the target (e.g. a won deal in the ERP)
-        if tid is None:
-            if self.view.pending_fields(name, cid, target):
-                # The first copy is queued (or applied and not yet acknowledged): this change is
-                # no first copy, so only what this source owns, or shares, may follow it.
-                fields = {
-                    k: v
-                    for k, v in changed.items()
-                    if k in self.entity.fields
-                    and self.entity.fields[k].owner in (c.source, SHARED)
-                    and target in self.entity.fields[k].columns
-                }
-            else:
-                # A first copy in the target: ownership governs changes, not the first values.
-                fields = self._create_fields(target, cid, canonical)
+        # What the target will hold once the ops already queued for it land: the value a
+        # change is compared with, not the target's last known value alone.
+        queued = self.view.pending_values(name, cid, target)
+        if tid is not None:
+            seen_target = self.view.shadow(name, cid, target)
+        elif queued:
+            # The first copy is queued (or applied, its answer not yet recorded): this change is
+            # no first copy; ownership judges it against what that copy will create.
+            seen_target = {k: SeenValue(v, None) for k, v in queued.items()}
+        else:
+            # A first copy in the target: ownership governs changes, not the first values.
+            fields = self._create_fields(target, cid, canonical)
             if fields:
                 self._upsert(target, tm, cid, None, fields)
             return
-        seen_target = self.view.shadow(name, cid, target)
         out: dict[str, Any] = {}
         revert: dict[str, Any] = {}
         for fname, value in changed.items():
@@ -303,11 +305,10 @@ class _Resolution:
             if target not in rule.columns:
                 continue
             theirs = seen_target.get(fname)
-            if (
-                theirs is not None
-                and theirs.value == value
-                and fname not in self.view.pending_fields(name, cid, target)
-            ):
+            if fname in queued:
+                if queued[fname] == value:
+                    continue  # an op already queued writes this value: in step once it lands
+            elif theirs is not None and theirs.value == value:
                 continue  # the target holds this value and nothing queued will change it: in step
             before = seen_before.get(fname)
             other_changed = (
@@ -335,8 +336,7 @@ class _Resolution:
                 "other_value": theirs.value if theirs else None,
             }
             if d.verdict == "propagate":
-                if theirs is None or theirs.value != value:
-                    out[fname] = value
+                out[fname] = value
             elif d.verdict == "conflict_won":
                 out[fname] = value
                 self.audits.append(AuditItem("conflict_resolved", {**audit, "winner": c.source}))
@@ -363,7 +363,14 @@ class _Resolution:
                     )
                 )
         if out:
-            self._upsert(target, tm, cid, tid, out)
+            # The values the target holds (or will, once queued ops land) that this op replaces:
+            # a resend whose first answer was lost compares the target with them (agent.resend).
+            base = {
+                f: queued[f] if f in queued else seen_target[f].value
+                for f in out
+                if f in queued or f in seen_target
+            }
+            self._upsert(target, tm, cid, tid, out, base)
         if revert:
             sm = self.m
             native = self.mapper.to_native(
@@ -382,6 +389,7 @@ class _Resolution:
                     trace_id=c.trace_id,
                     source_seq=self.entry.seq,
                     canonical=revert,
+                    base={f: changed[f] for f in revert if f in changed},
                 )
             )
 
@@ -417,7 +425,13 @@ class _Resolution:
         return fields
 
     def _upsert(
-        self, target: str, tm: SystemMapping, cid: str, tid: str | None, out: Mapping[str, Any]
+        self,
+        target: str,
+        tm: SystemMapping,
+        cid: str,
+        tid: str | None,
+        out: Mapping[str, Any],
+        base: Mapping[str, Any] | None = None,
     ) -> None:
         c = self.c
         try:
@@ -468,6 +482,7 @@ class _Resolution:
                 trace_id=c.trace_id,
                 source_seq=self.entry.seq,
                 canonical=dict(out),
+                base=dict(base or {}),
             )
         )
 

@@ -28,7 +28,7 @@ from agent.errors import PermanentError, RetryableError, SyncAgentError
 from agent.logging import log_event
 from agent.model import utcnow
 from agent.notify import Notifier, watchdog_interval
-from agent.reconcile import reconcile
+from agent.reconcile import lookup_for, reconcile
 from state import checkpoints, health, journal, open_state, outbox
 from state.db import State
 
@@ -169,6 +169,7 @@ class AgentRunner:
         """Deliver due ops to ``target`` until none are due; return (applied, rejected)."""
         st = self.state()
         sink = self.rt.sinks[target]
+        lookup = lookup_for(self.rt, target)
         applied = rejected = 0
         for _ in range(10_000):
             if self._stop.is_set():
@@ -180,6 +181,7 @@ class AgentRunner:
                 policy=self.rt.policy,
                 limit=self.rt.config.agent.deliver_batch,
                 clock=self.clock,
+                lookup=lookup,
             )
             applied += r.applied
             rejected += r.rejected

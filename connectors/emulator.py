@@ -81,6 +81,7 @@ class Fault:
     drop: bool = False
     path_prefix: str | None = None
     method: str | None = None
+    lose_reply: bool = False
 
     def matches(self, request: EmuRequest) -> bool:
         """Tell whether this fault applies to ``request``."""
@@ -146,6 +147,8 @@ class EmulatorApp:
                 return fault.response
         response = self._dispatch(request)
         self._record(request, response.status)
+        if fault is not None and fault.lose_reply:
+            return None  # served, but the answer never reaches the client
         return response
 
     def _dispatch(self, request: EmuRequest) -> EmuResponse:
@@ -171,10 +174,15 @@ class EmulatorApp:
         drop: bool = False,
         path_prefix: str | None = None,
         method: str | None = None,
+        lose_reply: bool = False,
     ) -> None:
-        """Make the next ``count`` matching requests fail, stall or drop."""
+        """Make the next ``count`` matching requests fail, stall, drop, or be served unanswered.
+
+        ``drop`` closes the connection before serving; ``lose_reply`` serves the request (a
+        write lands) and then closes the connection without answering.
+        """
         with self._lock:
-            self._faults.append(Fault(count, response, delay, drop, path_prefix, method))
+            self._faults.append(Fault(count, response, delay, drop, path_prefix, method, lose_reply))
 
     def clear_faults(self) -> None:
         """Remove every pending injected fault."""

@@ -3,7 +3,8 @@
 ``pending`` ops are delivered in ``op_id`` order per target (so two updates of one record
 arrive in the order they were resolved). ``claim_due`` only reads: one deliverer runs per
 target (the scheduler's ``max_instances=1``), and an op whose delivery was cut short by a
-crash is simply still pending, delivered again by upsert, which makes that harmless.
+crash is still pending and marked ``in_doubt`` (``mark_sending`` before each send), so the
+next attempt reads the target first (``agent.resend``) instead of overwriting newer edits.
 Statuses move ``pending`` -> ``applied`` | ``rejected`` | ``cancelled``; an operator can
 ``requeue`` a rejected op. An op that belongs to a workflow instance carries its key in
 ``workflow``, so delivery can tell when the instance's last op went through.
@@ -15,6 +16,7 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Literal
 
 from agent.model import Op, utcnow
 from state import codec
@@ -24,8 +26,8 @@ _ERROR_MAX = 2000
 
 _INSERT = (
     "INSERT INTO outbox (idempotency_key, target, entity, canonical_id, object_name, action,"
-    " key, fields, canonical, trace_id, source_seq, workflow, status, attempts, next_attempt_at,"
-    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)"
+    " key, fields, canonical, base, trace_id, source_seq, workflow, status, attempts, next_attempt_at,"
+    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)"
     " ON CONFLICT (idempotency_key) DO NOTHING"
 )
 
@@ -70,6 +72,8 @@ def _op(r: sqlite3.Row) -> Op:
         op_id=r["op_id"],
         attempts=r["attempts"],
         workflow=r["workflow"],
+        in_doubt=bool(r["in_doubt"]),
+        base=codec.loads(r["base"]),
     )
 
 
@@ -89,6 +93,7 @@ def enqueue(st: State, ops: Sequence[Op], *, now: datetime | None = None) -> int
             codec.dumps(op.key),
             codec.dumps(op.fields),
             codec.dumps(op.canonical),
+            codec.dumps(op.base),
             op.trace_id,
             op.source_seq,
             op.workflow,
@@ -133,19 +138,64 @@ def mark_applied(st: State, op_id: int, external_id: str, version: str | None = 
     return _update(
         st,
         "UPDATE outbox SET status = 'applied', external_id = ?, version = ?, attempts = attempts + 1,"
-        " last_error = NULL, updated_at = ? WHERE op_id = ? AND status = 'pending'",
+        " last_error = NULL, in_doubt = 0, updated_at = ? WHERE op_id = ? AND status = 'pending'",
         (external_id, version, codec.format_ts(utcnow()), op_id),
     )
 
 
-def mark_retry(st: State, op_id: int, *, next_attempt_at: datetime, reason: str) -> bool:
-    """Count a failed attempt and keep the op pending until ``next_attempt_at``."""
+# in_doubt: 0 settled; 1 sent, answer not yet recorded; 2 an earlier attempt may have landed.
+_DOUBT_AFTER = {
+    "refused": "CASE WHEN in_doubt = 2 THEN 2 ELSE 0 END",
+    "unknown": "2",
+    "not_sent": "in_doubt",
+}
+
+
+def mark_retry(
+    st: State,
+    op_id: int,
+    *,
+    next_attempt_at: datetime,
+    reason: str,
+    outcome: Literal["refused", "unknown", "not_sent"] = "refused",
+) -> bool:
+    """Count a failed attempt and keep the op pending until ``next_attempt_at``.
+
+    ``outcome`` says what the attempt tells about the target: it refused the write (which
+    settles this attempt, not an earlier one left in doubt); the write may have landed (a
+    timeout, a 5xx); or nothing was sent.
+    """
     return _update(
         st,
         "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?,"
-        " updated_at = ? WHERE op_id = ? AND status = 'pending'",
+        f" in_doubt = {_DOUBT_AFTER[outcome]}, updated_at = ? WHERE op_id = ? AND status = 'pending'",
         (codec.format_ts(next_attempt_at), reason[:_ERROR_MAX], codec.format_ts(utcnow()), op_id),
     )
+
+
+def mark_sending(st: State, op_ids: Sequence[int]) -> None:
+    """Record that these ops are about to be sent: until an answer is recorded they are in doubt.
+
+    An op already in doubt (an earlier send unanswered) stays so: this send's answer will
+    not tell whether the earlier one landed.
+    """
+    _each(
+        st,
+        op_ids,
+        "UPDATE outbox SET in_doubt = CASE WHEN in_doubt > 0 THEN 2 ELSE 1 END"
+        " WHERE op_id = ? AND status = 'pending'",
+    )
+
+
+def mark_verified(st: State, op_ids: Sequence[int]) -> None:
+    """Clear the doubt of ops whose target was read, and which were narrowed to what it lacks."""
+    _each(st, op_ids, "UPDATE outbox SET in_doubt = 0 WHERE op_id = ? AND status = 'pending'")
+
+
+def _each(st: State, op_ids: Sequence[int], sql: str) -> None:
+    if op_ids:
+        with st.write_txn(), classify_sqlite(st.path):
+            st.conn.executemany(sql, [(i,) for i in op_ids])
 
 
 def mark_rejected(st: State, op_id: int, reason: str) -> bool:

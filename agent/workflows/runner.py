@@ -125,7 +125,7 @@ def applied_unit(st: State, config: Config, op: Op, out: Outcome) -> list[str]:
             continue
         values = step.get("canonical") or {}
         if values:
-            shadow.put(st, entity, cid, values, system=op.target, by_agent=True, source_ts=None)
+            shadow.put(st, entity, cid, values, system=op.target, by_agent=True, source_ts=out.written_at)
         e = config.entities.get(entity)
         match_on = e.systems[op.target].match_on if e is not None and op.target in e.systems else None
         if match_on and values.get(match_on) is not None:

@@ -56,10 +56,21 @@ class RowLookup:
         self._connect = connect
         self._tables = {t.qualified_name: t for t in tables}
         self._conn: psycopg.Connection | None = None
-        self._plans: dict[str, _Plan] = {}
+        self._plans: dict[tuple[str, str | None], _Plan] = {}
 
     def fetch(self, object_name: str, ids: Sequence[str]) -> dict[str, dict[str, Any] | None]:
         """Return ``{id: row}`` for ``ids`` of table ``object_name``; ``None`` where no row has the key."""
+        return self._fetch(object_name, ids, None)
+
+    def fetch_by(
+        self, object_name: str, field: str, values: Sequence[str]
+    ) -> dict[str, dict[str, Any] | None]:
+        """Return ``{value: row}`` of the rows whose column ``field`` holds each value (an external id)."""
+        return self._fetch(object_name, values, field)
+
+    def _fetch(
+        self, object_name: str, ids: Sequence[str], column: str | None
+    ) -> dict[str, dict[str, Any] | None]:
         out: dict[str, dict[str, Any] | None] = dict.fromkeys(ids)
         if not ids:
             return out
@@ -70,7 +81,7 @@ class RowLookup:
             )
         conn = self._connection()
         try:
-            plan = self._plan(conn, spec)
+            plan = self._plan(conn, spec, column)
             with classify_pg(f"fetch rows of {object_name}"):
                 cur = conn.cursor()
                 for oid in plan.oids:
@@ -95,8 +106,8 @@ class RowLookup:
             self._conn = open_session(self._connect, "connect for row lookup")
         return self._conn
 
-    def _plan(self, conn: psycopg.Connection, spec: TableSpec) -> _Plan:
-        plan = self._plans.get(spec.qualified_name)
+    def _plan(self, conn: psycopg.Connection, spec: TableSpec, column: str | None) -> _Plan:
+        plan = self._plans.get((spec.qualified_name, column))
         if plan is not None:
             return plan
         info = describe_table(conn, spec.schema, spec.table)
@@ -104,7 +115,7 @@ class RowLookup:
             raise PermanentError(
                 f"table {spec.qualified_name} does not exist. Fix: correct the table mapping"
             )
-        keys = spec.key_columns or info.primary_key
+        keys = (column,) if column else spec.key_columns or info.primary_key
         if len(keys) != 1:
             raise PermanentError(
                 f"table {spec.qualified_name}: a lookup needs exactly one key column, found {len(keys)}. "
@@ -144,7 +155,7 @@ class RowLookup:
             oids=frozenset(oid for _, oid in info.columns),
             key_index=names.index(keys[0]),
         )
-        self._plans[spec.qualified_name] = plan
+        self._plans[(spec.qualified_name, column)] = plan
         return plan
 
     def _row(self, table: str, plan: _Plan, row: Sequence[Any]) -> dict[str, Any]:

@@ -268,9 +268,13 @@ class PostgresSink:
             conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
             for op in ops:
                 results.append(self._apply_op(conn, op))
-            version = _xid(conn) if any(isinstance(r, _Written) and r.wrote for r in results) else None
+            version, written_at = _stamp(conn)
+            if not any(isinstance(r, _Written) and r.wrote for r in results):
+                version = None
         return [
-            Outcome.applied(r.external_id, version if r.wrote else None) if isinstance(r, _Written) else r
+            Outcome.applied(r.external_id, version if r.wrote else None, written_at)
+            if isinstance(r, _Written)
+            else r
             for r in results
         ]
 
@@ -495,10 +499,18 @@ def _current_role(conn: psycopg.Connection[Any]) -> str:
     return sql.Identifier(row[0] if row else "?").as_string(conn)
 
 
-def _xid(conn: psycopg.Connection[Any]) -> str | None:
-    # The 32-bit xid, as pgoutput's Begin message reports it, so capture can match the two.
-    row = conn.execute("SELECT txid_current_if_assigned()").fetchone()
-    return str(row[0] % 2**32) if row and row[0] is not None else None
+def _stamp(conn: psycopg.Connection[Any]) -> tuple[str | None, datetime | None]:
+    """The batch's 32-bit xid (as pgoutput's Begin reports it) and the server clock after its writes.
+
+    A transaction that changed a row before this batch did committed before the batch could
+    lock that row, so its commit timestamp is earlier than this clock; one that changes it
+    after must wait for this batch's commit, so its timestamp is later.
+    """
+    row = conn.execute("SELECT txid_current_if_assigned(), clock_timestamp()").fetchone()
+    if row is None:
+        return None, None
+    xid = str(row[0] % 2**32) if row[0] is not None else None
+    return xid, row[1]
 
 
 def _returning(target: SinkTable) -> sql.Composable:

@@ -220,6 +220,12 @@ class PostgresSource:
         """Return the current rows of table ``object_name`` with these keys (None: no such row)."""
         return self._lookup.fetch(object_name, ids)
 
+    def fetch_by(
+        self, object_name: str, field: str, values: Sequence[str]
+    ) -> dict[str, dict[str, Any] | None]:
+        """Return the current rows of table ``object_name`` whose column ``field`` holds each value."""
+        return self._lookup.fetch_by(object_name, field, values)
+
     def close(self) -> None:
         """Close the peek (if open), the connection and the lookup session."""
         self._close_poll(advance=True)

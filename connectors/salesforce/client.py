@@ -299,18 +299,30 @@ class SalesforceConnector:
         One ``SELECT ... WHERE Id IN (...)`` query per 200 Ids (``query``, not ``queryAll``:
         a record in the Recycle Bin counts as gone). A 15-character Id finds its 18-character form.
         """
+        return self._fetch(object_name, ids, "Id")
+
+    def fetch_by(
+        self, object_name: str, field: str, values: Sequence[str]
+    ) -> dict[str, dict[str, Any] | None]:
+        """Return ``{value: record}`` of the records whose ``field`` (an external id) holds each value."""
         obj = self._object(object_name)
-        out: dict[str, dict[str, Any] | None] = dict.fromkeys(ids)
-        short = {i[:15]: i for i in out if len(i) == 15}
+        if field not in obj.select_list():
+            raise PermanentError(f"{object_name}.{field} is not a mapped field. Fix: map it")
+        return self._fetch(object_name, values, field)
+
+    def _fetch(self, object_name: str, values: Sequence[str], field: str) -> dict[str, dict[str, Any] | None]:
+        obj = self._object(object_name)
+        out: dict[str, dict[str, Any] | None] = dict.fromkeys(values)
+        short = {i[:15]: i for i in out if len(i) == 15} if field == "Id" else {}
         wanted = list(out)
         for start in range(0, len(wanted), _FETCH_CHUNK):
             chunk = wanted[start : start + _FETCH_CHUNK]
             soql = (
                 f"SELECT {', '.join(obj.select_list())} FROM {obj.name} "
-                f"WHERE Id IN ({', '.join(soql_quote(i) for i in chunk)})"
+                f"WHERE {field} IN ({', '.join(soql_quote(i) for i in chunk)})"
             )
             for record in self._query_records(soql):
-                rid = str(record.get("Id"))
+                rid = str(record.get(field))
                 key = rid if rid in out else short.get(rid[:15])
                 if key is not None:
                     out[key] = {k: v for k, v in record.items() if k != "attributes"}

@@ -170,6 +170,19 @@ def test_sink_inserts_by_external_id_then_updates_by_pk_when_the_erp_id_becomes_
     assert _rows(erp) == [(int(created.external_id), "CRM-1", "Renamed", Decimal("100.00"))]
 
 
+def test_sink_stamps_each_outcome_with_the_server_clock_read_inside_the_write_when_applied(erp: Erp) -> None:
+    sink = erp.sink()
+    with erp.admin() as conn:
+        before = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
+    outs = sink.apply([_op({"crm_id": f"CRM-{i}"}, _customer(i), n=i) for i in (1, 2)])
+    with erp.admin() as conn:
+        after = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
+    stamps = {o.written_at for o in outs}
+    assert len(stamps) == 1  # one transaction, one reading
+    [stamp] = stamps
+    assert stamp is not None and stamp.tzinfo is not None and before < stamp < after
+
+
 def test_sink_replay_writes_no_row_and_no_wal_when_rows_already_hold_the_values(erp: Erp) -> None:
     sink = erp.sink()
     ops = [_op({"crm_id": f"CRM-{i}"}, _customer(i), n=i) for i in range(1, 6)]
@@ -340,7 +353,7 @@ def test_sink_quotes_identifiers_when_table_and_column_names_carry_sql(erp: Erp)
             _op({"crm_id": "CRM-1"}, {"name": "ok", 'x" = 1; DROP TABLE public.victims; --': "v"}),
         ]
     )
-    assert outcomes[0] == Outcome.applied("1", outcomes[0].version)
+    assert outcomes[0] == Outcome.applied("1", outcomes[0].version, outcomes[0].written_at)
     assert outcomes[1].status == "reject" and outcomes[1].reason == "undefined_column"
     assert outcomes[1].field_name == 'x" = 1; DROP TABLE public.victims; --'
     with erp.admin() as conn:

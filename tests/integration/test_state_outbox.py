@@ -133,3 +133,53 @@ def test_outbox_prune_removes_only_old_finished_ops_when_cutoff_given(st: State)
     assert outbox.prune(st, older_than=datetime.now(UTC) + timedelta(seconds=1)) == 1
     assert outbox.get(st, a.op_id) is None
     assert outbox.get(st, b.op_id) is not None
+
+
+def _doubt(st: State, op_id: int) -> bool:
+    [o] = [
+        x
+        for x in outbox.claim_due(st, "salesforce", now=NOW + timedelta(days=1), limit=10)
+        if x.op_id == op_id
+    ]
+    return o.in_doubt
+
+
+@pytest.mark.parametrize(
+    "steps,in_doubt",
+    [
+        ([], False),
+        (["send"], True),  # sent, then the process died before the answer was recorded
+        (["send", "refused"], False),  # a 429: the target said it did not take it
+        (["send", "unknown"], True),  # a timeout or a 5xx: it may have landed
+        (["send", "unknown", "send", "refused"], True),  # a later refusal says nothing of the earlier send
+        (["send", "send"], True),  # died twice
+        (["send", "verified"], False),  # the target was read and the op narrowed to what it lacks
+        (["send", "unknown", "not_sent"], True),  # the read before the resend failed: still in doubt
+        (["send", "not_sent"], True),
+    ],
+)
+def test_outbox_in_doubt_follows_what_each_attempt_tells_about_the_target_when_sends_fail(
+    st: State, steps: list[str], in_doubt: bool
+) -> None:
+    outbox.enqueue(st, [op(1)], now=NOW)
+    [o] = outbox.claim_due(st, "salesforce", now=NOW, limit=10)
+    assert o.op_id is not None and o.in_doubt is False
+    later = NOW + timedelta(seconds=1)
+    for step in steps:
+        if step == "send":
+            outbox.mark_sending(st, [o.op_id])
+        elif step == "verified":
+            outbox.mark_verified(st, [o.op_id])
+        else:
+            outbox.mark_retry(st, o.op_id, next_attempt_at=later, reason="x", outcome=step)  # type: ignore[arg-type]
+    assert _doubt(st, o.op_id) is in_doubt
+
+
+def test_outbox_applied_clears_the_doubt_when_the_answer_arrives(st: State) -> None:
+    outbox.enqueue(st, [op(1), op(2)], now=NOW)
+    a, b = outbox.claim_due(st, "salesforce", now=NOW, limit=10)
+    assert a.op_id is not None and b.op_id is not None
+    outbox.mark_sending(st, [a.op_id, b.op_id])
+    outbox.mark_applied(st, a.op_id, "001")
+    [left] = outbox.claim_due(st, "salesforce", now=NOW, limit=10)
+    assert left.op_id == b.op_id and left.in_doubt

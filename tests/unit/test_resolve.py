@@ -62,7 +62,7 @@ class View:
         self.xref: dict[tuple[str, str, str], str] = {}
         self.shadows: dict[tuple[str, str, str], dict[str, SeenValue]] = {}
         self.natural: dict[tuple[str, str, Any], str] = {}
-        self.pending: dict[tuple[str, str, str], frozenset[str]] = {}
+        self.pending: dict[tuple[str, str, str], dict[str, Any]] = {}
         self._ids = (f"cid{n}" for n in itertools.count(1))
 
     def link(self, cid: str, system: str, ext: str) -> None:
@@ -85,7 +85,10 @@ class View:
         return next(self._ids)
 
     def pending_fields(self, entity: str, canonical_id: str, system: str) -> frozenset[str]:
-        return self.pending.get((entity, canonical_id, system), frozenset())
+        return frozenset(self.pending.get((entity, canonical_id, system), {}))
+
+    def pending_values(self, entity: str, canonical_id: str, system: str) -> dict[str, Any]:
+        return self.pending.get((entity, canonical_id, system), {})
 
     def seen(self, cid: str, system: str, ts: datetime | None = None, **values: Any) -> None:
         self.shadows.setdefault(("customer", cid, system), {}).update(
@@ -204,3 +207,90 @@ def test_resolve_parks_a_delete_for_review_by_default(tmp_path: Path) -> None:
     r = Resolver(config(tmp_path), own_origins=frozenset())
     d = r.resolve(change("crm", {"Id": "001A"}, {}, op="delete"), view)
     assert d.fate == "exception" and d.problems[0].reason == "deleted_in_source" and d.ops == ()
+
+
+def test_resolve_sends_a_value_the_target_holds_when_a_queued_op_will_overwrite_it(tmp_path: Path) -> None:
+    """ERP: active -> archived (op queued to the CRM) -> active: the CRM must end active again."""
+    view = View()
+    linked(view)
+    view.seen("cid0", "erp", T0 - timedelta(seconds=1), status="archived")
+    view.pending[("customer", "cid0", "crm")] = {"status": "archived"}
+    r = Resolver(config(tmp_path), own_origins=frozenset())
+    d = r.resolve(change("erp", {"id": 5}, {"id": 5, "status": "active"}), view)
+    assert [o.target for o in d.ops] == ["crm"] and d.ops[0].fields.get("Status__c") == "Active"
+
+
+def test_resolve_skips_a_value_an_op_already_queued_for_the_target_will_write(tmp_path: Path) -> None:
+    view = View()
+    linked(view)
+    view.pending[("customer", "cid0", "crm")] = {"status": "hold"}
+    r = Resolver(config(tmp_path), own_origins=frozenset())
+    d = r.resolve(change("erp", {"id": 5}, {"id": 5, "status": "hold"}), view)
+    assert d.ops == ()
+
+
+def test_resolve_treats_columns_older_than_the_agents_later_write_as_history_when_a_row_image_arrives_late(
+        tmp_path: Path) -> None:
+    """An ERP edit of the limit committed before the agent wrote phone: its old phone is not an edit."""
+    view = View()
+    linked(view)
+    view.seen("cid0", "erp", T0 + timedelta(milliseconds=80), phone="570")  # the agent's write, stamped after it
+    view.seen("cid0", "crm", T0 + timedelta(milliseconds=50), phone="570")
+    r = Resolver(config(tmp_path), own_origins=frozenset())
+    d = r.resolve(change("erp", {"id": 5}, {"id": 5, "phone": "524", "credit_limit": "592.5"}, ts=T0), view)
+    assert [o.target for o in d.ops] == ["crm"]
+    assert d.ops[0].fields.get("Credit_Limit__c") is not None and "Phone" not in d.ops[0].fields
+    assert "phone" not in d.seen and d.seen["limit"] is not None
+
+
+def test_resolve_propagates_a_row_edit_committed_after_the_agents_write(tmp_path: Path) -> None:
+    view = View()
+    linked(view)
+    view.seen("cid0", "erp", T0 - timedelta(milliseconds=1), phone="570")
+    r = Resolver(config(tmp_path), own_origins=frozenset())
+    d = r.resolve(change("erp", {"id": 5}, {"id": 5, "phone": "524"}, ts=T0), view)
+    assert [o.fields.get("Phone") for o in d.ops] == ["524"]
+
+
+def test_resolve_takes_a_value_an_unanswered_op_wrote_to_the_source_as_its_echo(tmp_path: Path) -> None:
+    """The CRM shows the phone the agent sent but never heard back about: no change to pass on."""
+    view = View()
+    linked(view)
+    view.pending[("customer", "cid0", "crm")] = {"phone": "222"}
+    r = Resolver(config(tmp_path), own_origins=frozenset())
+    d = r.resolve(change("crm", {"Id": "001A"}, {"Phone": "222"}), view)
+    assert d.ops == () and d.fate == "noop"
+
+
+def test_resolve_passes_on_a_source_edit_that_differs_from_the_op_queued_for_it(tmp_path: Path) -> None:
+    view = View()
+    linked(view)
+    view.pending[("customer", "cid0", "crm")] = {"phone": "222"}
+    r = Resolver(config(tmp_path), own_origins=frozenset())
+    d = r.resolve(change("crm", {"Id": "001A"}, {"Phone": "333"}, ts=T0 + timedelta(hours=2)), view)
+    assert any(o.target == "erp" and o.fields.get("phone") == "333" for o in d.ops)
+
+
+def test_resolve_reverts_a_non_owner_edit_made_while_the_first_copy_is_still_queued(tmp_path: Path) -> None:
+    """The ERP renames a CRM-owned field before its first copy reached the CRM: revert it to the copy's value."""
+    view = View()
+    view.link("cid0", "erp", "5")
+    view.seen("cid0", "erp", T0 - timedelta(seconds=5), name="Acme", customer_no="C-5", status="active")
+    view.pending[("customer", "cid0", "crm")] = {"name": "Acme", "customer_no": "C-5", "status": "active"}
+    r = Resolver(config(tmp_path, policy="revert"), own_origins=frozenset())
+    d = r.resolve(change("erp", {"id": 5}, {"id": 5, "name": "Acme (typo)", "status": "hold"}), view)
+    by_target = {o.target: o for o in d.ops}
+    assert by_target["erp"].fields == {"name": "Acme"} and by_target["erp"].key == {"id": "5"}
+    assert by_target["crm"].key == {"ERP_Id__c": "5"} and by_target["crm"].fields.get("Status__c") == "On Hold"
+    assert "Name" not in by_target["crm"].fields
+    assert any(a.action == "ownership_reverted" and a.detail["field"] == "name" for a in d.audits)
+
+
+def test_resolve_records_the_target_values_an_op_replaces_so_a_resend_can_be_checked(tmp_path: Path) -> None:
+    view = View()
+    linked(view)
+    view.pending[("customer", "cid0", "crm")] = {"limit": "150"}
+    r = Resolver(config(tmp_path), own_origins=frozenset())
+    d = r.resolve(change("erp", {"id": 5}, {"id": 5, "phone": "222", "credit_limit": "200"}), view)
+    [op] = d.ops
+    assert op.base == {"phone": "111", "limit": "150"}  # the shadow's phone; the queued op's limit
