@@ -160,8 +160,10 @@ def _narrow(
             continue  # unreadable here: sent as it is
         if held == ours:
             landed.add(name)
-        elif hit.first_copy or (name in op.base and held != op.base[name]):
-            moved.add(name)  # changed since the op was made, or a first copy meeting a record that exists
+        elif (hit.first_copy and not op.base) or (name in op.base and held != op.base[name]):
+            # Changed since the op was made; or a first copy (an op keyed by external id with no
+            # base: a follow-up queued behind the first copy has one) meeting a record that exists.
+            moved.add(name)
         # else: the target still holds what the op replaces (or nothing is known): it did not land
     return (without_fields(resolver.config, op, moved) if moved else op), moved, landed
 

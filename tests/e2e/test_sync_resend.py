@@ -180,3 +180,17 @@ def test_resend_of_two_unanswered_ops_of_one_record_sends_both_in_order(env: Env
     applied, _ = env.deliver_crm()
     assert applied == 2 and env.pending_crm() == []
     assert env.sf.get("Account", acct["Id"])["Phone"] == "333", "the later op was taken for a newer edit"
+
+
+def test_resend_of_an_update_queued_behind_an_unanswered_first_copy_still_sends_it(env: Env) -> None:
+    env.sql("INSERT INTO erp.customers (customer_no, name, phone) VALUES ('C-3', 'Initech', '700')")
+    env.sf.inject(lose_reply=True, count=5, path_prefix=WRITES + "v", method="PATCH")
+    env.sf.inject(drop=True, count=50, path_prefix=WRITES + "v62.0/queryAll")
+    env.run_once()  # the create lands, unanswered; nothing links it
+    env.sql("UPDATE erp.customers SET phone = '701' WHERE customer_no = 'C-3'")
+    env.run_once()  # the update is queued behind it, keyed by external id too
+    env.sf.clear_faults()
+    [made] = [a for a in env.sf.all("Account") if a["AccountNumber"] == "C-3"]
+    applied, _ = env.deliver_crm()
+    assert applied >= 2
+    assert env.sf.get("Account", made["Id"])["Phone"] == "701", "the follow-up was taken for a first copy"
