@@ -72,6 +72,25 @@ def test_open_state_sets_durability_pragmas_when_opened(st: State) -> None:
     assert st.conn.isolation_level is None
 
 
+def test_open_state_uses_large_pages_when_new_and_keeps_an_existing_files_pages(tmp_path: Path) -> None:
+    new = open_state(tmp_path / "new.db")
+    try:
+        assert new.conn.execute("PRAGMA page_size").fetchone()[0] == 16384
+    finally:
+        new.close()
+    old_path = tmp_path / "old.db"
+    raw = sqlite3.connect(old_path)
+    raw.execute("PRAGMA page_size = 4096")
+    raw.execute("VACUUM")
+    raw.close()
+    old = open_state(old_path)
+    try:
+        assert old.conn.execute("PRAGMA page_size").fetchone()[0] == 4096
+        assert schema_version(old) == len(migrations._STEPS)
+    finally:
+        old.close()
+
+
 def test_open_state_creates_every_table_at_the_latest_schema_version_when_new(st: State) -> None:
     assert TABLES <= set(st.db.table_names())
     assert schema_version(st) == len(migrations._STEPS)
