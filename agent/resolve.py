@@ -143,7 +143,11 @@ class _Resolution:
             t for t in self.entity.systems if t != c.source and view.external_id(name, cid, t) is None
         ]
         if not changed and not new and not flows and not unlinked:
-            return Decision("noop", "in step", entity=name, canonical_id=cid, link=(c.source, self.rid))
+            # Values the shadow lacks here are the agent's own, still unanswered: recorded as seen.
+            echoed = {k: v for k, v in fresh.items() if k not in seen_before or seen_before[k].value != v}
+            return Decision(
+                "noop", "in step", entity=name, canonical_id=cid, link=(c.source, self.rid), seen=echoed
+            )
         for target in self.entity.systems:
             if target != c.source and (changed or new or target in unlinked):
                 self._for_target(target, cid, canonical, changed, seen_before)

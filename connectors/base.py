@@ -8,9 +8,11 @@ ops and answers one ``Outcome`` per op. Batch-wide failures raise (classified er
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import hashlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from agent.model import Batch, Cursor, Op, Outcome, Problem
 
@@ -62,3 +64,14 @@ class Resync(Protocol):
     ) -> Iterator[Batch]:
         """Yield batches of ``read`` changes, keyset-chunked, resumable from ``after_key``."""
         ...
+
+
+def content_digest(fields: Mapping[str, Any]) -> str:
+    """A short digest of a record's values, for positions whose version stamp is coarse.
+
+    Salesforce's SystemModstamp and NetSuite's lastmodifieddate tick in whole seconds: two
+    edits within one second carry one stamp, and a position of id and stamp alone would let
+    the journal drop the second as a repeat. Re-reads of the same content keep one position.
+    """
+    text = json.dumps(fields, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()

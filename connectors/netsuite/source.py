@@ -30,6 +30,7 @@ import httpx
 
 from agent.errors import CursorUnavailable, PermanentError, RetryableError
 from agent.model import Batch, Change, ChangeOp, Cursor
+from connectors.base import content_digest
 from connectors.http import classify_http, json_body, raise_for_status
 from connectors.netsuite.errors import status_rule
 from connectors.paging import offset_pages
@@ -291,7 +292,7 @@ class SuiteQLReader:
             op=spec.op,
             key={"id": str(mark.id)},
             fields=fields,
-            position=f"{spec.record_type}:{mark.id}@{version}{suffix}",
+            position=f"{spec.record_type}:{mark.id}@{version}{suffix}#{content_digest(fields)}",
             version=version,
             source_ts=mark.ts,
         )

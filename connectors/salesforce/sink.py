@@ -76,23 +76,35 @@ def record_body(op: Op, target: WriteTarget) -> dict[str, Any]:
 def plan_writes(
     ops: Sequence[Op], targets: Mapping[int, WriteTarget], delete_ids: Mapping[int, str]
 ) -> list[WriteRequest]:
-    """Group planned ops by (kind, object, key field) into requests of at most 200."""
-    groups: dict[tuple[WriteKind, str, str], list[int]] = {}
-    for index, target in targets.items():
+    """Group planned ops by (kind, object, key field) into requests of at most 200, keeping order.
+
+    Ops of one record must land in the order they were queued: grouping alone would send, say,
+    a record's update by Id before its earlier upsert by external id. So each record appears
+    at most once per wave of requests; its next op opens the next wave.
+    """
+    waves: list[dict[tuple[WriteKind, str, str], list[int]]] = []
+    wave_of: dict[tuple[str, str], int] = {}
+    for index, target in sorted(targets.items()):
         if target.kind == "delete" and index not in delete_ids:
             continue
         key_field = "Id" if target.kind == "delete" else target.key_field
-        groups.setdefault((target.kind, target.object_name, key_field), []).append(index)
+        record = (ops[index].entity, ops[index].canonical_id)
+        n = wave_of.get(record, -1) + 1
+        wave_of[record] = n
+        if n == len(waves):
+            waves.append({})
+        waves[n].setdefault((target.kind, target.object_name, key_field), []).append(index)
     requests: list[WriteRequest] = []
-    for (kind, object_name, key_field), indexes in groups.items():
-        for start in range(0, len(indexes), MAX_RECORDS):
-            chunk = tuple(indexes[start : start + MAX_RECORDS])
-            if kind == "delete":
-                ids = tuple(delete_ids[i] for i in chunk)
-                requests.append(WriteRequest(kind, object_name, key_field, chunk, ids=ids))
-            else:
-                records = tuple(record_body(ops[i], targets[i]) for i in chunk)
-                requests.append(WriteRequest(kind, object_name, key_field, chunk, records=records))
+    for groups in waves:
+        for (kind, object_name, key_field), indexes in groups.items():
+            for start in range(0, len(indexes), MAX_RECORDS):
+                chunk = tuple(indexes[start : start + MAX_RECORDS])
+                if kind == "delete":
+                    ids = tuple(delete_ids[i] for i in chunk)
+                    requests.append(WriteRequest(kind, object_name, key_field, chunk, ids=ids))
+                else:
+                    records = tuple(record_body(ops[i], targets[i]) for i in chunk)
+                    requests.append(WriteRequest(kind, object_name, key_field, chunk, records=records))
     return requests
 
 

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent.model import Change, Cursor
+from connectors.base import content_digest
 
 CURSOR_VERSION = 1
 SYSTEM_FIELDS = ("Id", "SystemModstamp", "IsDeleted")
@@ -152,6 +153,7 @@ def record_to_change(
     stamp = parse_modstamp(stamp_text)
     # Only fields the payload carries: an absent field is unknown, not empty (a null clears it).
     fields = {f: record[f] for f in obj.fields if f in record}
+    digest = content_digest({**fields, "IsDeleted": record.get("IsDeleted")})
     change = Change(
         source=source,
         stream=stream,
@@ -159,7 +161,7 @@ def record_to_change(
         op="delete" if record.get("IsDeleted") is True else "update",
         key={"Id": record_id},
         fields=fields,
-        position=f"{record_id}@{stamp_text}",
+        position=f"{record_id}@{stamp_text}#{digest}",
         version=stamp_text,
         source_ts=stamp,
     )

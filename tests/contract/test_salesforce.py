@@ -124,7 +124,7 @@ def test_read_returns_changes_after_cursor_when_records_are_added(org: Org) -> N
     change = batch.changes[0]
     assert change.op == "update" and change.object_name == "Account" and change.source == "sf"
     assert change.fields == {"Name": "Firm 0", "BillingCountry": None, "ERP_Id__c": "C-0"}
-    assert change.position == f"{first_ids[0]}@2024-05-01T12:00:00.000+0000"
+    assert change.position.startswith(f"{first_ids[0]}@2024-05-01T12:00:00.000+0000#")
     assert change.version == "2024-05-01T12:00:00.000+0000" and change.source_ts == T0
 
     new_ids = accounts(org.emu, 2, start=2)
@@ -163,6 +163,22 @@ def test_read_repeats_positions_when_lookback_overlaps(org: Org) -> None:
     first, cursor = drain(sf, "Account", None, limit=3)
     again, _ = drain(sf, "Account", cursor, limit=3)
     assert [c.position for c in again] == [c.position for c in first]
+
+
+def test_read_gives_two_edits_within_one_modstamp_second_distinct_positions(org: Org) -> None:
+    """SystemModstamp ticks in seconds: a second edit in the same second must not pass for a repeat."""
+    [rid] = accounts(org.emu, 1)
+    org.emu.shift_clock(timedelta(seconds=10))
+    sf = org.connector(lookback=timedelta(minutes=5))
+    _, cursor = drain(sf, "Account", None, limit=10)
+    org.emu.update("Account", rid, {"Name": "Firm 0 Ltd"}, at=T0 + timedelta(seconds=5))
+    ltd, cursor = drain(sf, "Account", cursor, limit=10)
+    org.emu.update("Account", rid, {"Name": "Firm 0 Limited"}, at=T0 + timedelta(seconds=5, milliseconds=400))
+    limited, _ = drain(sf, "Account", cursor, limit=10)
+    [a] = [c for c in ltd if c.fields["Name"] == "Firm 0 Ltd"]
+    [b] = [c for c in limited if c.fields["Name"] == "Firm 0 Limited"]
+    assert a.version == b.version, "the emulator stamps both edits with one second"
+    assert a.position != b.position
 
 
 def test_read_reports_delete_when_record_is_soft_deleted(org: Org) -> None:
@@ -350,6 +366,19 @@ def test_apply_updates_by_id_and_deletes_when_record_is_known(org: Org) -> None:
     replay = sf.apply([by_id, by_ext])
     assert [o.status for o in replay] == ["applied", "applied"]
     assert {o.detail for o in replay} == {"already deleted"}
+
+
+def test_apply_lands_one_records_ops_in_queue_order_when_keyed_differently(org: Org) -> None:
+    """A record's upsert by external id, then its update by Id: grouping must not swap them."""
+    a, b = accounts(org.emu, 2)
+    sf = org.connector()
+    other = Op("o", "sf", "account", "c0", "Account", "upsert", {"Id": a}, {"Name": "Other"}, "t")
+    first = Op("f", "sf", "account", "c1", "Account", "upsert", {"ERP_Id__c": "C-1"}, {"Name": "Old"}, "t")
+    then = Op("n", "sf", "account", "c1", "Account", "upsert", {"Id": b}, {"Name": "New"}, "t")
+    outcomes = sf.apply([other, first, then])
+    assert [o.status for o in outcomes] == ["applied"] * 3
+    assert org.emu.get("Account", b)["Name"] == "New"  # type: ignore[index]
+    assert org.emu.get("Account", a)["Name"] == "Other"  # type: ignore[index]
 
 
 def test_apply_returns_retry_when_row_is_locked(org: Org) -> None:

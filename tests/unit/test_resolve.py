@@ -72,8 +72,10 @@ class View:
         return self.xref.get((entity, system, external_id))
 
     def external_id(self, entity: str, canonical_id: str, system: str) -> str | None:
-        return next((e for (en, s, e), c in self.xref.items() if en == entity and s == system and c == canonical_id),
-                    None)
+        return next(
+            (e for (en, s, e), c in self.xref.items() if en == entity and s == system and c == canonical_id),
+            None,
+        )
 
     def shadow(self, entity: str, canonical_id: str, system: str) -> dict[str, SeenValue]:
         return self.shadows.get((entity, canonical_id, system), {})
@@ -92,14 +94,33 @@ class View:
 
     def seen(self, cid: str, system: str, ts: datetime | None = None, **values: Any) -> None:
         self.shadows.setdefault(("customer", cid, system), {}).update(
-            {k: SeenValue(v, ts) for k, v in values.items()})
+            {k: SeenValue(v, ts) for k, v in values.items()}
+        )
 
 
-def change(source: str, key: dict, fields: dict, *, op: str = "update", ts: datetime = T0, origin: str | None = None,
-           pos: str = "p1") -> JournalEntry:
+def change(
+    source: str,
+    key: dict,
+    fields: dict,
+    *,
+    op: str = "update",
+    ts: datetime = T0,
+    origin: str | None = None,
+    pos: str = "p1",
+) -> JournalEntry:
     obj = "erp.customers" if source == "erp" else "Account"
-    c = Change(source=source, stream="s", object_name=obj, op=op, key=key, fields=fields,  # type: ignore[arg-type]
-               position=pos, version="v", source_ts=ts, origin=origin)
+    c = Change(
+        source=source,
+        stream="s",
+        object_name=obj,
+        op=op,
+        key=key,
+        fields=fields,  # type: ignore[arg-type]
+        position=pos,
+        version="v",
+        source_ts=ts,
+        origin=origin,
+    )
     return JournalEntry(seq=1, change=c, captured_at=ts)
 
 
@@ -119,8 +140,15 @@ def test_resolve_drops_a_change_tagged_with_our_origin_as_echo(tmp_path: Path) -
 
 def test_resolve_creates_in_the_other_system_keyed_by_external_id_when_unlinked(tmp_path: Path) -> None:
     r = Resolver(config(tmp_path), own_origins=frozenset())
-    d = r.resolve(change("erp", {"id": 5}, {"id": 5, "name": "Acme", "customer_no": "C-5", "status": "hold",
-                                            "credit_limit": "100.50"}, op="insert"), View())
+    d = r.resolve(
+        change(
+            "erp",
+            {"id": 5},
+            {"id": 5, "name": "Acme", "customer_no": "C-5", "status": "hold", "credit_limit": "100.50"},
+            op="insert",
+        ),
+        View(),
+    )
     assert d.fate == "queued" and len(d.ops) == 1
     op = d.ops[0]
     assert op.target == "crm" and op.key == {"ERP_Id__c": "5"}
@@ -143,14 +171,19 @@ def test_resolve_is_a_noop_when_values_equal_the_shadow_so_api_echoes_stop(tmp_p
     view = View()
     linked(view)
     r = Resolver(config(tmp_path), own_origins=frozenset())
-    d = r.resolve(change("crm", {"Id": "001A"}, {"Name": "Acme", "Phone": "111", "Status__c": "Active"}), view)
+    d = r.resolve(
+        change("crm", {"Id": "001A"}, {"Name": "Acme", "Phone": "111", "Status__c": "Active"}), view
+    )
     assert d.fate == "noop" and d.ops == ()
 
 
-@pytest.mark.parametrize("policy,fate,ops_to", [("ignore", "ignored", []), ("revert", "queued", ["crm"]),
-                                                 ("exception", "exception", [])])
+@pytest.mark.parametrize(
+    "policy,fate,ops_to",
+    [("ignore", "ignored", []), ("revert", "queued", ["crm"]), ("exception", "exception", [])],
+)
 def test_resolve_applies_the_non_owner_policy_when_crm_edits_an_erp_owned_field(
-        tmp_path: Path, policy: str, fate: str, ops_to: list[str]) -> None:
+    tmp_path: Path, policy: str, fate: str, ops_to: list[str]
+) -> None:
     view = View()
     linked(view)
     r = Resolver(config(tmp_path, policy=policy), own_origins=frozenset())
@@ -173,14 +206,18 @@ def test_resolve_propagates_an_owned_field_from_its_owner(tmp_path: Path) -> Non
     assert d.ops[0].key == {"id": "5"} and d.ops[0].fields == {"name": "Acme Intl", "crm_id": "001A"}
 
 
-@pytest.mark.parametrize("conflict,erp_ts,winner", [
-    ("latest", T0 - timedelta(minutes=1), "crm"),
-    ("latest", T0 + timedelta(minutes=1), "erp"),
-    ("erp", T0 - timedelta(minutes=1), "erp"),
-    ("crm", T0 + timedelta(minutes=1), "crm"),
-])
+@pytest.mark.parametrize(
+    "conflict,erp_ts,winner",
+    [
+        ("latest", T0 - timedelta(minutes=1), "crm"),
+        ("latest", T0 + timedelta(minutes=1), "erp"),
+        ("erp", T0 - timedelta(minutes=1), "erp"),
+        ("crm", T0 + timedelta(minutes=1), "crm"),
+    ],
+)
 def test_resolve_settles_a_shared_field_conflict_by_policy_and_audits_both_values(
-        tmp_path: Path, conflict: str, erp_ts: datetime, winner: str) -> None:
+    tmp_path: Path, conflict: str, erp_ts: datetime, winner: str
+) -> None:
     view = View()
     linked(view)
     view.seen("cid0", "erp", erp_ts, phone="222")  # the ERP changed phone since the last sync
@@ -230,11 +267,14 @@ def test_resolve_skips_a_value_an_op_already_queued_for_the_target_will_write(tm
 
 
 def test_resolve_treats_columns_older_than_the_agents_later_write_as_history_when_a_row_image_arrives_late(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """An ERP edit of the limit committed before the agent wrote phone: its old phone is not an edit."""
     view = View()
     linked(view)
-    view.seen("cid0", "erp", T0 + timedelta(milliseconds=80), phone="570")  # the agent's write, stamped after it
+    view.seen(
+        "cid0", "erp", T0 + timedelta(milliseconds=80), phone="570"
+    )  # the agent's write, stamped after it
     view.seen("cid0", "crm", T0 + timedelta(milliseconds=50), phone="570")
     r = Resolver(config(tmp_path), own_origins=frozenset())
     d = r.resolve(change("erp", {"id": 5}, {"id": 5, "phone": "524", "credit_limit": "592.5"}, ts=T0), view)
@@ -281,7 +321,9 @@ def test_resolve_reverts_a_non_owner_edit_made_while_the_first_copy_is_still_que
     d = r.resolve(change("erp", {"id": 5}, {"id": 5, "name": "Acme (typo)", "status": "hold"}), view)
     by_target = {o.target: o for o in d.ops}
     assert by_target["erp"].fields == {"name": "Acme"} and by_target["erp"].key == {"id": "5"}
-    assert by_target["crm"].key == {"ERP_Id__c": "5"} and by_target["crm"].fields.get("Status__c") == "On Hold"
+    assert (
+        by_target["crm"].key == {"ERP_Id__c": "5"} and by_target["crm"].fields.get("Status__c") == "On Hold"
+    )
     assert "Name" not in by_target["crm"].fields
     assert any(a.action == "ownership_reverted" and a.detail["field"] == "name" for a in d.audits)
 
@@ -294,3 +336,15 @@ def test_resolve_records_the_target_values_an_op_replaces_so_a_resend_can_be_che
     d = r.resolve(change("erp", {"id": 5}, {"id": 5, "phone": "222", "credit_limit": "200"}), view)
     [op] = d.ops
     assert op.base == {"phone": "111", "limit": "150"}  # the shadow's phone; the queued op's limit
+
+
+def test_resolve_records_an_unanswered_writes_echo_as_seen_so_ownership_can_compare_with_it(
+    tmp_path: Path,
+) -> None:
+    view = View()
+    view.link("cid0", "erp", "5")
+    view.link("cid0", "crm", "001A")
+    view.pending[("customer", "cid0", "crm")] = {"name": "Acme"}
+    r = Resolver(config(tmp_path), own_origins=frozenset())
+    d = r.resolve(change("crm", {"Id": "001A"}, {"Name": "Acme"}), view)
+    assert d.fate == "noop" and d.seen == {"name": "Acme"}
