@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pickle
+import signal
 import statistics
 import sys
 import tempfile
@@ -142,7 +143,8 @@ def _fresh(
         if args.dump:
             _dump(dsn, args.dump)
         if args.serve:
-            print(f"serving {dsn} (Ctrl-C stops it)", flush=True)
+            print(f"serving {dsn} (Ctrl-C or SIGTERM stops it)", flush=True)
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
             try:
                 while True:
                     time.sleep(3600)

@@ -77,6 +77,11 @@ class _Plan:
 class _Poll:
     """State of the open peek: decoder, transaction in progress, and the last whole one."""
 
+    __slots__ = (
+        "commit_ts", "decoder", "final_lsn", "index", "last_complete", "origin", "peek", "returned_lsn",
+        "start_lsn", "version",
+    )  # fmt: skip
+
     def __init__(self, peek: slots.PeekCursor, start_lsn: int) -> None:
         self.peek = peek
         self.decoder = Decoder()
