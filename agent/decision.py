@@ -6,7 +6,7 @@ items, depend on these values and not on the resolver itself.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -60,6 +60,10 @@ class StateView(Protocol):
 
     def pending_values(self, entity: str, canonical_id: str, system: str) -> Mapping[str, Any]:
         """The canonical values queued, undelivered ops will write to ``system`` (latest wins)."""
+        ...
+
+    def late_values(self, entity: str, canonical_id: str, system: str) -> Mapping[str, Sequence[Any]]:
+        """Values the agent wrote to ``system`` whose earlier, unanswered attempt may still land."""
         ...
 
     def workflow_status(self, instance_key: str) -> str | None:

@@ -378,7 +378,6 @@ def deliver(
         _retry_all(st, claimed, exc, policy, now, sent=False)
         raise
     ops = checked.send
-    outbox.mark_verified(st, checked.checked)
     outbox.mark_sending(st, [_id(op) for op in ops])
     try:
         outcomes = sink.apply(ops) if ops else []

@@ -50,11 +50,10 @@ class FieldLookup(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Verified:
-    """The ops to send (narrowed where the target moved on), those settled without a call, those read."""
+    """The ops to send (narrowed where the target moved on) and those settled without a call."""
 
     send: list[Op]
     settled: list[tuple[Op, Outcome]]
-    checked: list[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,11 +70,10 @@ def verify_in_doubt(st: State, resolver: Resolver, lookup: Lookup | None, ops: S
     """
     doubtful = [op for op in ops if op.in_doubt and op.action == "upsert" and op.op_id is not None]
     if lookup is None or not doubtful:
-        return Verified(list(ops), [], [])
+        return Verified(list(ops), [])
     found = _read(st, resolver, lookup, doubtful)
     send: list[Op] = []
     settled: list[tuple[Op, Outcome]] = []
-    checked: list[int] = []
     # Per record, what the ops sent before in this batch will have written: a later op of the
     # same record replaces those values, not the ones read.
     ahead: dict[tuple[str, str], dict[str, Any]] = {}
@@ -87,7 +85,6 @@ def verify_in_doubt(st: State, resolver: Resolver, lookup: Lookup | None, ops: S
             ahead.setdefault(record, {}).update(op.canonical)
             continue
         narrowed, moved, landed = _narrow(st, resolver, op, hit, ahead.get(record, {}))
-        checked.append(int(op.op_id or 0))
         if moved:
             log_event(
                 logger,
@@ -102,7 +99,7 @@ def verify_in_doubt(st: State, resolver: Resolver, lookup: Lookup | None, ops: S
         else:
             send.append(narrowed)
             ahead.setdefault(record, {}).update(narrowed.canonical)
-    return Verified(send, settled, checked)
+    return Verified(send, settled)
 
 
 def _read(st: State, resolver: Resolver, lookup: Lookup, ops: Sequence[Op]) -> dict[int, _Found]:

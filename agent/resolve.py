@@ -136,13 +136,14 @@ class _Resolution:
         # agent's own write coming back, even before the shadow records it.
         ours = view.pending_values(name, cid, c.source) if changed else {}
         changed = {k: v for k, v in changed.items() if k not in ours or ours[k] != v}
+        changed = self._late_writes(cid, changed, seen_before)
         flows = self._workflows(cid, canonical, changed, seen_before, new)
         # A record is in step only where it exists: a target still without a copy (its first
         # copy failed or was parked, e.g. for a customer not yet linked) gets one now.
         unlinked = [
             t for t in self.entity.systems if t != c.source and view.external_id(name, cid, t) is None
         ]
-        if not changed and not new and not flows and not unlinked:
+        if not changed and not new and not flows and not unlinked and not self.ops:
             # Values the shadow lacks here are the agent's own, still unanswered: recorded as seen.
             echoed = {k: v for k, v in fresh.items() if k not in seen_before or seen_before[k].value != v}
             return Decision(
@@ -396,6 +397,51 @@ class _Resolution:
                     base={f: changed[f] for f in revert if f in changed},
                 )
             )
+
+    def _late_writes(
+        self, cid: str, changed: Mapping[str, Any], seen_before: Mapping[str, SeenValue]
+    ) -> dict[str, Any]:
+        """Take back what an earlier, unanswered attempt of ours rolled the source back to.
+
+        A server may finish a call its client (a killed agent) never heard back from, after
+        the agent's newer write: the record then shows an older value the agent itself sent.
+        That is no edit to pass on: the newer value is written again, and audited.
+        """
+        late = self.view.late_values(self.entity.name, cid, self.c.source) if changed else {}
+        rolled = {
+            k: seen_before[k].value
+            for k, v in changed.items()
+            if v in late.get(k, ()) and k in seen_before and seen_before[k].value != v
+        }
+        if not rolled:
+            return dict(changed)
+        c, sm = self.c, self.m
+        for fname, value in rolled.items():
+            self.audits.append(
+                AuditItem(
+                    "late_write_reasserted",
+                    {"field": fname, "system": c.source, "found": changed[fname], "reasserted": value},
+                )
+            )
+        self.ops.append(
+            Op(
+                idempotency_key=f"{c.source}:{c.position}:reassert",
+                target=c.source,
+                entity=self.entity.name,
+                canonical_id=cid,
+                object_name=sm.object,
+                action="upsert",
+                key={sm.key: self.rid},
+                fields=self.mapper.to_native(
+                    c.source, rolled, record=self._record(), refs=self._ref_out_for(c.source)
+                ),
+                trace_id=c.trace_id,
+                source_seq=self.entry.seq,
+                canonical=rolled,
+                base={k: changed[k] for k in rolled},
+            )
+        )
+        return {k: v for k, v in changed.items() if k not in rolled}
 
     def _create_fields(self, target: str, cid: str, canonical: Mapping[str, Any]) -> dict[str, Any]:
         """All fields a new record in ``target`` gets: every value known from the source.

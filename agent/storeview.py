@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from agent.decision import SeenValue
@@ -64,6 +64,10 @@ class StoreView:
             if op.target == system:
                 out.update(op.canonical)
         return out
+
+    def late_values(self, entity: str, canonical_id: str, system: str) -> Mapping[str, Sequence[Any]]:
+        """Values the agent wrote to ``system`` whose earlier, unanswered attempt may still land."""
+        return outbox.late_values(self.st, entity, canonical_id, system)
 
     def workflow_status(self, instance_key: str) -> str | None:
         """The status of a workflow instance, or None."""

@@ -386,12 +386,12 @@ def m004_outbox_resend_check(db: Database) -> None:
     """Add what a resend is checked with: ``outbox.in_doubt`` and ``outbox.base``.
 
     ``in_doubt``: 0 settled, 1 sent and unanswered so far, 2 an earlier attempt may have
-    landed (see ``state.outbox`` and ``agent.resend``). ``base``: the target's values the op
-    was built to replace. Ops queued before start settled, with no base: the agent that
-    wrote them kept neither.
+    landed, 3 applied while an earlier attempt may still land late (see ``state.outbox``).
+    ``base``: the target's values the op was built to replace. Ops queued before start
+    settled, with no base: the agent that wrote them kept neither.
     """
     db.execute(
-        "ALTER TABLE outbox ADD COLUMN in_doubt INTEGER NOT NULL DEFAULT 0 CHECK (in_doubt IN (0, 1, 2))"
+        "ALTER TABLE outbox ADD COLUMN in_doubt INTEGER NOT NULL DEFAULT 0 CHECK (in_doubt IN (0, 1, 2, 3))"
     )
     db.execute("ALTER TABLE outbox ADD COLUMN base TEXT NOT NULL DEFAULT '{}'")
 

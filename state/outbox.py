@@ -16,7 +16,7 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from agent.model import Op, utcnow
 from state import codec
@@ -138,12 +138,14 @@ def mark_applied(st: State, op_id: int, external_id: str, version: str | None = 
     return _update(
         st,
         "UPDATE outbox SET status = 'applied', external_id = ?, version = ?, attempts = attempts + 1,"
-        " last_error = NULL, in_doubt = 0, updated_at = ? WHERE op_id = ? AND status = 'pending'",
+        " last_error = NULL, in_doubt = CASE WHEN in_doubt = 2 THEN 3 ELSE 0 END, updated_at = ?"
+        " WHERE op_id = ? AND status = 'pending'",
         (external_id, version, codec.format_ts(utcnow()), op_id),
     )
 
 
-# in_doubt: 0 settled; 1 sent, answer not yet recorded; 2 an earlier attempt may have landed.
+# in_doubt: 0 settled; 1 sent, answer not yet recorded; 2 an earlier attempt may have landed;
+# 3 applied, but an earlier attempt may still land late (a server finishing a dead client's call).
 _DOUBT_AFTER = {
     "refused": "CASE WHEN in_doubt = 2 THEN 2 ELSE 0 END",
     "unknown": "2",
@@ -185,11 +187,6 @@ def mark_sending(st: State, op_ids: Sequence[int]) -> None:
         "UPDATE outbox SET in_doubt = CASE WHEN in_doubt > 0 THEN 2 ELSE 1 END"
         " WHERE op_id = ? AND status = 'pending'",
     )
-
-
-def mark_verified(st: State, op_ids: Sequence[int]) -> None:
-    """Clear the doubt of ops whose target was read, and which were narrowed to what it lacks."""
-    _each(st, op_ids, "UPDATE outbox SET in_doubt = 0 WHERE op_id = ? AND status = 'pending'")
 
 
 def _each(st: State, op_ids: Sequence[int], sql: str) -> None:
@@ -273,6 +270,25 @@ def pending_for(st: State, entity: str, canonical_id: str) -> list[Op]:
         (entity, canonical_id),
     )
     return [_op(r) for r in rows]
+
+
+def late_values(st: State, entity: str, canonical_id: str, target: str) -> dict[str, list[Any]]:
+    """Values applied ops wrote to ``target`` whose earlier, unanswered attempt may still land.
+
+    Such an attempt, still being served when the agent that sent it died, can land after a
+    newer write and roll the record back; capture then sees one of these values again.
+    """
+    rows = fetch_all(
+        st,
+        "SELECT canonical FROM outbox WHERE entity = ? AND canonical_id = ? AND target = ?"
+        " AND status = 'applied' AND in_doubt = 3 ORDER BY op_id",
+        (entity, canonical_id, target),
+    )
+    out: dict[str, list[Any]] = {}
+    for r in rows:
+        for name, value in codec.loads(r["canonical"]).items():
+            out.setdefault(name, []).append(value)
+    return out
 
 
 def pending_for_workflow(st: State, instance_key: str) -> int:

@@ -7,6 +7,7 @@ next delivery must not overwrite that edit with the agent's older value.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -82,20 +83,37 @@ class Env:
         return str(row[0])
 
 
-@pytest.fixture
-def env(pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+def _start(
+    pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crm_timeout: float | None
+) -> Iterator[Env]:
     monkeypatch.setenv("SF_CLIENT_ID", "syncagent")
     monkeypatch.setenv("SF_CLIENT_SECRET", "s3cret")
     load_erp(pg_dsn)
     sf = SalesforceEmulator()
     add_sf_fields(sf)
     with EmulatorServer(sf) as server:
-        e = Env(pg_dsn, sync_config(tmp_path, pg_dsn, server.url), sf)
+        cfg = sync_config(tmp_path, pg_dsn, server.url)
+        if crm_timeout is not None:
+            text = cfg.read_text().replace(
+                "lookback_seconds = 5\n", f"lookback_seconds = 5\ntimeout_seconds = {crm_timeout}\n", 1
+            )
+            cfg.write_text(text)
+        e = Env(pg_dsn, cfg, sf)
         assert CliRunner().invoke(cli, ["-c", str(e.cfg), "init"]).exit_code == 0
         e.sql("INSERT INTO erp.customers (customer_no, name, phone) VALUES ('C-1', 'Acme', '111')")
         for _ in range(3):
             assert e.run_once() == 0
         yield e
+
+
+@pytest.fixture
+def env(pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+    yield from _start(pg_dsn, tmp_path, monkeypatch, None)
+
+
+@pytest.fixture
+def impatient_env(pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+    yield from _start(pg_dsn, tmp_path, monkeypatch, 0.5)
 
 
 def _lose_next_write_reply(sf: SalesforceEmulator) -> None:
@@ -194,3 +212,25 @@ def test_resend_of_an_update_queued_behind_an_unanswered_first_copy_still_sends_
     applied, _ = env.deliver_crm()
     assert applied >= 2
     assert env.sf.get("Account", made["Id"])["Phone"] == "701", "the follow-up was taken for a first copy"
+
+
+def test_an_unanswered_attempt_landing_after_a_newer_write_is_undone_when_capture_sees_it(
+    impatient_env: Env,
+) -> None:
+    env = impatient_env
+    [acct] = env.sf.all("Account")
+    env.sql("UPDATE erp.customers SET phone = '222'")
+    env.sf.inject(delay=2.0, path_prefix=WRITES + "v", method="PATCH")  # served after the client gave up
+    env.run_once()
+    assert env.pending_crm() == [True]
+    env.sql("UPDATE erp.customers SET phone = '333'")
+    env.run_once()  # 222 resent after a read, then 333: both answered
+    assert env.sf.get("Account", acct["Id"])["Phone"] == "333"
+    deadline = time.monotonic() + 5
+    while env.sf.get("Account", acct["Id"])["Phone"] != "222" and time.monotonic() < deadline:
+        time.sleep(0.05)  # the first attempt, still being served, lands now
+    assert env.sf.get("Account", acct["Id"])["Phone"] == "222"
+    for _ in range(3):
+        env.run_once()
+    assert env.sf.get("Account", acct["Id"])["Phone"] == "333", "the late attempt rolled the CRM back"
+    assert env.sql("SELECT phone FROM erp.customers") == [("333",)]

@@ -153,7 +153,6 @@ def _doubt(st: State, op_id: int) -> bool:
         (["send", "unknown"], True),  # a timeout or a 5xx: it may have landed
         (["send", "unknown", "send", "refused"], True),  # a later refusal says nothing of the earlier send
         (["send", "send"], True),  # died twice
-        (["send", "verified"], False),  # the target was read and the op narrowed to what it lacks
         (["send", "unknown", "not_sent"], True),  # the read before the resend failed: still in doubt
         (["send", "not_sent"], True),
     ],
@@ -168,8 +167,6 @@ def test_outbox_in_doubt_follows_what_each_attempt_tells_about_the_target_when_s
     for step in steps:
         if step == "send":
             outbox.mark_sending(st, [o.op_id])
-        elif step == "verified":
-            outbox.mark_verified(st, [o.op_id])
         else:
             outbox.mark_retry(st, o.op_id, next_attempt_at=later, reason="x", outcome=step)  # type: ignore[arg-type]
     assert _doubt(st, o.op_id) is in_doubt
@@ -183,3 +180,17 @@ def test_outbox_applied_clears_the_doubt_when_the_answer_arrives(st: State) -> N
     outbox.mark_applied(st, a.op_id, "001")
     [left] = outbox.claim_due(st, "salesforce", now=NOW, limit=10)
     assert left.op_id == b.op_id and left.in_doubt
+    assert outbox.late_values(st, "contract", "c1", "salesforce") == {}
+
+
+def test_outbox_late_values_lists_what_an_op_applied_after_doubt_wrote(st: State) -> None:
+    """An op sent, left unanswered, then applied: its first attempt may still land late."""
+    outbox.enqueue(st, [op(1), op(2)], now=NOW)
+    a, b = outbox.claim_due(st, "salesforce", now=NOW, limit=10)
+    assert a.op_id is not None and b.op_id is not None
+    outbox.mark_sending(st, [a.op_id, b.op_id])
+    outbox.mark_retry(st, a.op_id, next_attempt_at=NOW, reason="timeout", outcome="unknown")
+    outbox.mark_applied(st, b.op_id, "001")  # answered at once: nothing of it can land later
+    outbox.mark_sending(st, [a.op_id])
+    outbox.mark_applied(st, a.op_id, "001")
+    assert outbox.late_values(st, "contract", "c1", "salesforce") == {"amount": ["100.00"]}

@@ -63,6 +63,7 @@ class View:
         self.shadows: dict[tuple[str, str, str], dict[str, SeenValue]] = {}
         self.natural: dict[tuple[str, str, Any], str] = {}
         self.pending: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.late: dict[tuple[str, str, str], dict[str, list[Any]]] = {}
         self._ids = (f"cid{n}" for n in itertools.count(1))
 
     def link(self, cid: str, system: str, ext: str) -> None:
@@ -91,6 +92,9 @@ class View:
 
     def pending_values(self, entity: str, canonical_id: str, system: str) -> dict[str, Any]:
         return self.pending.get((entity, canonical_id, system), {})
+
+    def late_values(self, entity: str, canonical_id: str, system: str) -> dict[str, list[Any]]:
+        return self.late.get((entity, canonical_id, system), {})
 
     def seen(self, cid: str, system: str, ts: datetime | None = None, **values: Any) -> None:
         self.shadows.setdefault(("customer", cid, system), {}).update(
@@ -348,3 +352,27 @@ def test_resolve_records_an_unanswered_writes_echo_as_seen_so_ownership_can_comp
     r = Resolver(config(tmp_path), own_origins=frozenset())
     d = r.resolve(change("crm", {"Id": "001A"}, {"Name": "Acme"}), view)
     assert d.fate == "noop" and d.seen == {"name": "Acme"}
+
+
+def test_resolve_writes_the_newer_value_again_when_an_older_unanswered_write_lands_late(
+    tmp_path: Path,
+) -> None:
+    """The CRM shows phone 676, which the agent sent before 687 and never heard back about."""
+    view = View()
+    linked(view)
+    view.seen("cid0", "crm", T0 - timedelta(seconds=2), phone="687")
+    view.late[("customer", "cid0", "crm")] = {"phone": ["676"]}
+    r = Resolver(config(tmp_path), own_origins=frozenset())
+    d = r.resolve(change("crm", {"Id": "001A"}, {"Phone": "676"}), view)
+    assert [(o.target, dict(o.fields)) for o in d.ops] == [("crm", {"Phone": "687"})]
+    assert d.ops[0].base == {"phone": "676"}
+    assert [a.action for a in d.audits] == ["late_write_reasserted"]
+
+
+def test_resolve_passes_on_a_crm_edit_to_a_value_the_agent_never_sent(tmp_path: Path) -> None:
+    view = View()
+    linked(view)
+    view.late[("customer", "cid0", "crm")] = {"phone": ["676"]}
+    r = Resolver(config(tmp_path), own_origins=frozenset())
+    d = r.resolve(change("crm", {"Id": "001A"}, {"Phone": "999"}), view)
+    assert [o.target for o in d.ops] == ["erp"] and not d.audits

@@ -72,6 +72,9 @@ class View:
     def pending_values(self, entity: str, canonical_id: str, system: str) -> Mapping[str, Any]:
         return {}
 
+    def late_values(self, entity: str, canonical_id: str, system: str) -> Mapping[str, list[Any]]:
+        return {}
+
     def related(
         self, entity: str, system: str, field: str, value: Any
     ) -> Mapping[str, Mapping[str, SeenValue]]:
