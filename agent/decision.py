@@ -19,10 +19,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class SeenValue:
-    """A shadow entry as the resolver needs it: the value and when its system changed it."""
+    """A shadow entry as the resolver needs it: the value and when its system changed it.
+
+    ``written_at``: for a value the agent wrote and its system gave no time of its own for,
+    when the agent recorded that write (its own clock), else None.
+    """
 
     value: Any
     source_ts: datetime | None
+    written_at: datetime | None = None
 
 
 class StateView(Protocol):
@@ -60,6 +65,10 @@ class StateView(Protocol):
 
     def pending_values(self, entity: str, canonical_id: str, system: str) -> Mapping[str, Any]:
         """The canonical values queued, undelivered ops will write to ``system`` (latest wins)."""
+        ...
+
+    def queued_values(self, entity: str, canonical_id: str, system: str) -> Mapping[str, Sequence[Any]]:
+        """Every canonical value queued, undelivered ops will write to ``system``, oldest first."""
         ...
 
     def late_values(self, entity: str, canonical_id: str, system: str) -> Mapping[str, Sequence[Any]]:

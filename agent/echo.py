@@ -26,19 +26,26 @@ def changed_fields(canonical: Mapping[str, Any], shadow: Mapping[str, Any]) -> d
 
 
 def without_stale(
-    canonical: Mapping[str, Any], seen: Mapping[str, SeenValue], change_ts: datetime | None
+    canonical: Mapping[str, Any],
+    seen: Mapping[str, SeenValue],
+    change_ts: datetime | None,
+    captured_at: datetime | None = None,
 ) -> dict[str, Any]:
     """Drop the fields whose shadow in the source system is newer than the change's image.
 
     A database row image carries every column as it was at its commit: captured after the
     agent wrote a newer value to that row, its older columns are history, not edits. Both
     stamps come from the source system's own clock (its commit time, and the sink's reading
-    taken after its write), so they compare without skew.
+    taken after its write), so they compare without skew. Where the system gave the agent's
+    write no time (the APIs), an image read before the agent recorded that write is as old:
+    both times are then the agent's own.
     """
-    if change_ts is None:
-        return dict(canonical)
-    return {
-        k: v
-        for k, v in canonical.items()
-        if (s := seen.get(k)) is None or s.source_ts is None or s.source_ts <= change_ts
-    }
+    return {k: v for k, v in canonical.items() if not _older(seen.get(k), change_ts, captured_at)}
+
+
+def _older(s: SeenValue | None, change_ts: datetime | None, captured_at: datetime | None) -> bool:
+    if s is None:
+        return False
+    if s.source_ts is not None:
+        return change_ts is not None and change_ts < s.source_ts
+    return s.written_at is not None and captured_at is not None and captured_at < s.written_at

@@ -89,10 +89,13 @@ def capture(
     generation = cp.generation if cp else 0
     read = journaled = batches = 0
     while True:
+        # Stamped when the read began: a record image is no newer than that, which the
+        # resolver relies on to tell an image read before the agent's own write from an edit.
+        read_at = clock()
         batch = source.read(stream, cursor, limit=limit)
         batches += 1
         read += len(batch.changes)
-        n, generation = _journal_batch(st, owner, stream, batch, generation, clock)
+        n, generation = _journal_batch(st, owner, stream, batch, generation, read_at)
         journaled += n
         source.commit(stream, batch.next_cursor)
         cursor = batch.next_cursor
@@ -116,11 +119,11 @@ def capture(
 
 
 def _journal_batch(
-    st: State, owner: str, stream: str, batch: Batch, generation: int, clock: Callable[[], datetime]
+    st: State, owner: str, stream: str, batch: Batch, generation: int, read_at: datetime
 ) -> tuple[int, int]:
     """Journal one batch and move the cursor in one transaction; return (new rows, generation)."""
     with st.write_txn():
-        n = journal.append(st, batch.changes, captured_at=clock())
+        n = journal.append(st, batch.changes, captured_at=read_at)
         for bad in batch.rejected:
             exceptions.open_item(
                 st,

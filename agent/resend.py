@@ -182,18 +182,20 @@ def narrow_replayed_first_copy(st: State, resolver: Resolver, op: Op) -> Op:
     A create applied but not recorded (a crash) comes again after a restart; meanwhile the
     target's record may have been edited and captured. Those fields are left out of it.
     """
-    if op.action != "upsert" or op.op_id is None or not is_first_copy(resolver.config, op):
-        return op
+    if op.action != "upsert" or op.op_id is None or op.base or not is_first_copy(resolver.config, op):
+        return op  # (an op with a base is a follow-up queued behind the first copy, not the copy)
     if xref.external_id(st, op.entity, op.canonical_id, op.target) is None:
         return op
-    newer = _captured_since(st, op) & set(op.canonical)
-    return without_fields(resolver.config, op, newer) if newer else op
-
-
-def _captured_since(st: State, op: Op) -> set[str]:
-    """Fields capture saw the target change itself (not written by us) after ``op`` was queued."""
-    row = outbox.get(st, int(op.op_id or 0))
+    row = outbox.get(st, op.op_id)
     if row is None:
-        return set()
+        return op
     seen = shadow.get(st, op.entity, op.canonical_id, op.target)
-    return {f for f, v in seen.items() if not v.written_by_agent and v.updated_at > row.created_at}
+    newer = {
+        f
+        for f, v in seen.items()
+        if f in op.canonical
+        and not v.written_by_agent
+        and v.updated_at > row.created_at
+        and v.value != op.canonical[f]
+    }
+    return without_fields(resolver.config, op, newer) if newer else op

@@ -130,12 +130,13 @@ class _Resolution:
         if c.op == "delete":
             return self._delete(cid)
         seen_before = view.shadow(name, cid, c.source)
-        fresh = without_stale(canonical, seen_before, c.source_ts)
+        fresh = without_stale(canonical, seen_before, c.source_ts, self.entry.captured_at)
         changed = changed_fields(fresh, {k: v.value for k, v in seen_before.items()})
         # A value an op queued for this very system writes (or wrote, its answer lost) is the
-        # agent's own write coming back, even before the shadow records it.
-        ours = view.pending_values(name, cid, c.source) if changed else {}
-        changed = {k: v for k, v in changed.items() if k not in ours or ours[k] != v}
+        # agent's own write coming back, even before the shadow records it; so is an earlier
+        # op's value while a later one for the same field is still on its way.
+        ours = view.queued_values(name, cid, c.source) if changed else {}
+        changed = {k: v for k, v in changed.items() if v not in ours.get(k, ())}
         changed = self._late_writes(cid, changed, seen_before)
         flows = self._workflows(cid, canonical, changed, seen_before, new)
         # A record is in step only where it exists: a target still without a copy (its first

@@ -27,7 +27,11 @@ class StoreView:
     def shadow(self, entity: str, canonical_id: str, system: str) -> Mapping[str, SeenValue]:
         """Last values the agent saw in, or wrote to, ``system``."""
         return {
-            k: SeenValue(v.value, v.source_ts)
+            k: SeenValue(
+                v.value,
+                v.source_ts,
+                v.updated_at if v.written_by_agent and v.source_ts is None else None,
+            )
             for k, v in shadow.get(self.st, entity, canonical_id, system).items()
         }
 
@@ -63,6 +67,15 @@ class StoreView:
         for op in outbox.pending_for(self.st, entity, canonical_id):
             if op.target == system:
                 out.update(op.canonical)
+        return out
+
+    def queued_values(self, entity: str, canonical_id: str, system: str) -> Mapping[str, Sequence[Any]]:
+        """Every canonical value queued, undelivered ops will write to ``system``, oldest first."""
+        out: dict[str, list[Any]] = {}
+        for op in outbox.pending_for(self.st, entity, canonical_id):
+            if op.target == system:
+                for name, value in op.canonical.items():
+                    out.setdefault(name, []).append(value)
         return out
 
     def late_values(self, entity: str, canonical_id: str, system: str) -> Mapping[str, Sequence[Any]]:

@@ -622,4 +622,7 @@ def test_sync_reaches_the_end_state_when_the_daemon_is_sigkilled_again_and_again
             wait_in_step(env, 60)
         finally:
             stop_daemon(proc, log)
+        # The in-step check can pass while the echoes of the last writes are still being read;
+        # a clean stop leaves them journaled for the next start, which finds nothing to do.
+        assert env.converge() <= 3
         env.assert_in_step()

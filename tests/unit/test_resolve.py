@@ -96,6 +96,9 @@ class View:
     def late_values(self, entity: str, canonical_id: str, system: str) -> dict[str, list[Any]]:
         return self.late.get((entity, canonical_id, system), {})
 
+    def queued_values(self, entity: str, canonical_id: str, system: str) -> dict[str, list[Any]]:
+        return {k: [v] for k, v in self.pending.get((entity, canonical_id, system), {}).items()}
+
     def seen(self, cid: str, system: str, ts: datetime | None = None, **values: Any) -> None:
         self.shadows.setdefault(("customer", cid, system), {}).update(
             {k: SeenValue(v, ts) for k, v in values.items()}
@@ -376,3 +379,23 @@ def test_resolve_passes_on_a_crm_edit_to_a_value_the_agent_never_sent(tmp_path: 
     r = Resolver(config(tmp_path), own_origins=frozenset())
     d = r.resolve(change("crm", {"Id": "001A"}, {"Phone": "999"}), view)
     assert [o.target for o in d.ops] == ["erp"] and not d.audits
+
+
+def test_resolve_treats_an_api_image_read_before_the_agent_recorded_its_write_as_history(tmp_path: Path) -> None:
+    """Read at T0, resolved after the agent wrote limit 1234.5 (recorded at T0 + 1 s): its old limit is no edit."""
+    view = View()
+    linked(view)
+    view.shadows[("customer", "cid0", "crm")]["limit"] = SeenValue("1234.5", None, T0 + timedelta(seconds=1))
+    view.seen("cid0", "erp", T0 + timedelta(milliseconds=500), limit="1234.5")
+    r = Resolver(config(tmp_path), own_origins=frozenset())
+    d = r.resolve(change("crm", {"Id": "001A"}, {"Credit_Limit__c": "100"}, ts=T0), view)
+    assert d.ops == () and not d.audits and "limit" not in d.seen
+
+
+def test_resolve_takes_an_api_edit_read_after_the_agent_recorded_its_write(tmp_path: Path) -> None:
+    view = View()
+    linked(view)
+    view.shadows[("customer", "cid0", "crm")]["phone"] = SeenValue("111", None, T0 - timedelta(seconds=1))
+    r = Resolver(config(tmp_path), own_origins=frozenset())
+    d = r.resolve(change("crm", {"Id": "001A"}, {"Phone": "555"}, ts=T0), view)
+    assert [o.target for o in d.ops] == ["erp"]

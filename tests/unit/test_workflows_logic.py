@@ -75,6 +75,9 @@ class View:
     def late_values(self, entity: str, canonical_id: str, system: str) -> Mapping[str, list[Any]]:
         return {}
 
+    def queued_values(self, entity: str, canonical_id: str, system: str) -> Mapping[str, list[Any]]:
+        return {}
+
     def related(
         self, entity: str, system: str, field: str, value: Any
     ) -> Mapping[str, Mapping[str, SeenValue]]:
