@@ -60,7 +60,6 @@ class Verified:
 class _Found:
     tid: str
     native: Mapping[str, Any]
-    first_copy: bool
 
 
 def verify_in_doubt(st: State, resolver: Resolver, lookup: Lookup | None, ops: Sequence[Op]) -> Verified:
@@ -134,7 +133,7 @@ def _read(st: State, resolver: Resolver, lookup: Lookup, ops: Sequence[Op]) -> d
         key = resolver.config.entities[op.entity].systems[op.target].key
         tid = want[1] if want[2] is None else rec.get(key)
         if tid is not None:
-            out[id(op)] = _Found(str(tid), rec, want[2] is not None)
+            out[id(op)] = _Found(str(tid), rec)
     return out
 
 
@@ -149,6 +148,9 @@ def _narrow(
         refs=lambda entity, system, value: xref.lookup(st, entity, system, str(value)),
     )
     now = {**read, **ahead}
+    # A first copy: keyed by external id, built against nothing (a follow-up queued behind it
+    # has a base), however the record was found now.
+    first_copy = not op.base and is_first_copy(resolver.config, op)
     moved: set[str] = set()
     landed: set[str] = set()
     for name, ours in op.canonical.items():
@@ -157,7 +159,7 @@ def _narrow(
             continue  # unreadable here: sent as it is
         if held == ours:
             landed.add(name)
-        elif (hit.first_copy and not op.base) or (name in op.base and held != op.base[name]):
+        elif first_copy or (name in op.base and held != op.base[name]):
             # Changed since the op was made; or a first copy (an op keyed by external id with no
             # base: a follow-up queued behind the first copy has one) meeting a record that exists.
             moved.add(name)

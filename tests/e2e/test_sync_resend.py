@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from agent.cli import cli
 from agent.config import load_config
 from agent.daemon import build_runtime
-from agent.pipeline import deliver
+from agent.pipeline import capture, deliver, resolve_pending
 from agent.reconcile import lookup_for
 from connectors.emulator import EmulatorServer
 from connectors.salesforce.emulator import SalesforceEmulator
@@ -60,6 +60,19 @@ class Env:
                 lookup=lookup_for(runtime, "crm"),
             )
             return r.applied, r.retried
+        finally:
+            st.close()
+            runtime.close()
+
+    def capture_crm(self) -> None:
+        """Read the CRM's Accounts and resolve them, delivering nothing."""
+        self.sf.shift_clock(timedelta(seconds=3))
+        config = load_config(self.cfg)
+        runtime = build_runtime(config)
+        st = open_state(config.agent.state_path)
+        try:
+            capture(runtime.sources["crm"], st, "Account")
+            resolve_pending(st, runtime.resolver)
         finally:
             st.close()
             runtime.close()
@@ -234,3 +247,18 @@ def test_an_unanswered_attempt_landing_after_a_newer_write_is_undone_when_captur
         env.run_once()
     assert env.sf.get("Account", acct["Id"])["Phone"] == "333", "the late attempt rolled the CRM back"
     assert env.sql("SELECT phone FROM erp.customers") == [("333",)]
+
+
+def test_resend_of_a_first_copy_keeps_a_users_edit_when_its_echo_already_linked_the_record(env: Env) -> None:
+    """The create landed unanswered; capture linked the new Account by its ERP id; then a user renamed it."""
+    env.sql("INSERT INTO erp.customers (customer_no, name, phone) VALUES ('C-4', 'Umbrella', '900')")
+    _lose_next_write_reply(env.sf)
+    env.sf.inject(drop=True, count=50, path_prefix=WRITES + "v62.0/queryAll")
+    env.run_once()
+    env.sf.clear_faults()
+    env.capture_crm()  # capture reads the new Account and links it; the create is still unanswered
+    [made] = [a for a in env.sf.all("Account") if a["AccountNumber"] == "C-4"]
+    assert env.crm_links() == 2
+    env.sf.update("Account", made["Id"], {"Name": "Umbrella Corp"})
+    env.deliver_crm()
+    assert env.sf.get("Account", made["Id"])["Name"] == "Umbrella Corp", "the replayed create renamed it back"
