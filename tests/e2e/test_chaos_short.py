@@ -26,9 +26,10 @@ SEED = int(os.environ.get("SYNCAGENT_CHAOS_SEED", "1"))
 @pytest.mark.timeout(300)
 @pytest.mark.xfail(
     strict=False,
-    reason="known open bugs found by this harness (issue 7 stays open): a resend after a lost outcome, "
-    "and an unacknowledged write's echo, can overwrite a newer edit; an old ERP row image resolved after "
-    "a newer shadow. Runs in full every time; it passes the day those are fixed.",
+    reason="timing-dependent: the bugs this harness found (lost answers resent over newer edits, stale "
+    "row images, late-landing attempts, reordered Collections writes) are fixed and seeds 1-6 pass, but "
+    "each fix was found by a run that passed before it; non-strict until the long profile runs clean "
+    "repeatedly. Runs in full every time and prints its report.",
 )
 def test_chaos_short_profile_loses_duplicates_and_echoes_nothing_when_killed_and_stormed(
     tmp_path: Path,
