@@ -394,6 +394,9 @@ def m004_outbox_resend_check(db: Database) -> None:
         "ALTER TABLE outbox ADD COLUMN in_doubt INTEGER NOT NULL DEFAULT 0 CHECK (in_doubt IN (0, 1, 2, 3))"
     )
     db.execute("ALTER TABLE outbox ADD COLUMN base TEXT NOT NULL DEFAULT '{}'")
+    # The resolver asks for these per captured change: without the index that is a scan of
+    # every applied op.
+    db.execute("CREATE INDEX outbox_late ON outbox (entity, canonical_id, target) WHERE in_doubt = 3")
 
 
 _STEPS = (m001_initial_tables, m002_workflows, m003_compact_journal, m004_outbox_resend_check)
