@@ -45,12 +45,7 @@ class StoreView:
 
     def pending_fields(self, entity: str, canonical_id: str, system: str) -> frozenset[str]:
         """Canonical fields that queued, undelivered ops will write to ``system``."""
-        return frozenset(
-            f
-            for op in outbox.pending_for(self.st, entity, canonical_id)
-            if op.target == system
-            for f in op.canonical
-        )
+        return frozenset(self.queued_values(entity, canonical_id, system))
 
     def related(
         self, entity: str, system: str, field: str, value: Any
@@ -63,20 +58,12 @@ class StoreView:
 
     def pending_values(self, entity: str, canonical_id: str, system: str) -> Mapping[str, Any]:
         """The canonical values queued, undelivered ops will write to ``system`` (latest wins)."""
-        out: dict[str, Any] = {}
-        for op in outbox.pending_for(self.st, entity, canonical_id):
-            if op.target == system:
-                out.update(op.canonical)
-        return out
+        return {k: v[-1] for k, v in self.queued_values(entity, canonical_id, system).items()}
 
     def queued_values(self, entity: str, canonical_id: str, system: str) -> Mapping[str, Sequence[Any]]:
         """Every canonical value queued, undelivered ops will write to ``system``, oldest first."""
-        out: dict[str, list[Any]] = {}
-        for op in outbox.pending_for(self.st, entity, canonical_id):
-            if op.target == system:
-                for name, value in op.canonical.items():
-                    out.setdefault(name, []).append(value)
-        return out
+        pending = outbox.pending_for(self.st, entity, canonical_id)
+        return outbox.values_by_field(op.canonical for op in pending if op.target == system)
 
     def late_values(self, entity: str, canonical_id: str, system: str) -> Mapping[str, Sequence[Any]]:
         """Values the agent wrote to ``system`` whose earlier, unanswered attempt may still land."""

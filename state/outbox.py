@@ -13,7 +13,7 @@ Statuses move ``pending`` -> ``applied`` | ``rejected`` | ``cancelled``; an oper
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -284,9 +284,14 @@ def late_values(st: State, entity: str, canonical_id: str, target: str) -> dict[
         " AND status = 'applied' AND in_doubt = 3 ORDER BY op_id",
         (entity, canonical_id, target),
     )
+    return values_by_field(codec.loads(r["canonical"]) for r in rows)
+
+
+def values_by_field(canonicals: Iterable[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """``{field: [value, ...]}`` over several ops' canonical values, in the order given."""
     out: dict[str, list[Any]] = {}
-    for r in rows:
-        for name, value in codec.loads(r["canonical"]).items():
+    for canonical in canonicals:
+        for name, value in canonical.items():
             out.setdefault(name, []).append(value)
     return out
 
