@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Literal
 
 from agent.errors import DataError, PermanentError, RateLimited, RetryableError
+from agent.gcpause import collector_paused
 from agent.logging import log_event
 from agent.model import Batch, Cursor, JournalEntry, Op, Outcome, utcnow
 from agent.parking import open_problem
@@ -92,14 +93,16 @@ def capture(
         # Stamped when the read began: a record image is no newer than that, which the
         # resolver relies on to tell an image read before the agent's own write from an edit.
         read_at = clock()
-        batch = source.read(stream, cursor, limit=limit)
-        batches += 1
-        read += len(batch.changes)
-        n, generation = _journal_batch(st, owner, stream, batch, generation, read_at)
-        journaled += n
-        source.commit(stream, batch.next_cursor)
-        cursor = batch.next_cursor
-        if not batch.more or (max_batches is not None and batches >= max_batches):
+        with collector_paused():
+            batch = source.read(stream, cursor, limit=limit)
+            batches += 1
+            read += len(batch.changes)
+            n, generation = _journal_batch(st, owner, stream, batch, generation, read_at)
+            journaled += n
+            cursor, more = batch.next_cursor, batch.more
+            del batch  # its changes are freed before the collector is back
+        source.commit(stream, cursor)
+        if not more or (max_batches is not None and batches >= max_batches):
             break
         if should_stop is not None and should_stop():
             break
