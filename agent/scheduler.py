@@ -84,7 +84,7 @@ class AgentRunner:
         """This thread's connection to the state file."""
         st = getattr(self._local, "st", None)
         if st is None:
-            st = open_state(self.rt.config.agent.state_path)
+            st = open_state(self.rt.config.agent.state_path, background_checkpoints=True)
             self._local.st = st
             with self._lock:
                 self._states.append(st)

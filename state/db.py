@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import threading
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -91,6 +92,86 @@ def classify_sqlite(path: str | Path | None = None) -> Iterator[None]:
         raise
 
 
+class _Checkpointer:
+    """Copies one state file's WAL into the database on a thread of its own.
+
+    SQLite's automatic checkpoint runs inside the COMMIT that crosses its threshold, on the
+    committing thread: for capture that is a third of the journal's cost (every page is
+    written twice, to the WAL and then to the database, with an fsync of each). Here the
+    writers hand that copy to this thread, which runs ``wal_checkpoint(PASSIVE)`` (it never
+    blocks a writer or a reader) after commits, at most every ``_CHECKPOINT_INTERVAL_S``.
+    SQLite releases the GIL while it works, so the copy overlaps the writer's Python.
+    Writers keep an automatic checkpoint at a ten times higher threshold as a backstop,
+    should this thread fall behind.
+
+    One per state file per process, shared by its connections (counted in ``users``).
+    """
+
+    def __init__(self, path: Path, busy_timeout_ms: int) -> None:
+        self.path = path
+        self.users = 0
+        self._busy_timeout_ms = busy_timeout_ms
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="state-checkpoint", daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        """Say a transaction committed: there are new WAL frames to copy."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Finish the copy in progress, close the thread's connection and end the thread."""
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+            while not self._stopping.is_set():
+                self._wake.wait()
+                self._wake.clear()
+                if self._stopping.is_set():
+                    break
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
+                    # The writers' backstop checkpoint still runs; say why this one did not.
+                    logger.warning("event=state_checkpoint_failed path=%s error=%s", self.path, exc)
+                self._stopping.wait(_CHECKPOINT_INTERVAL_S)
+        finally:
+            conn.close()
+
+
+_CHECKPOINT_INTERVAL_S = 0.25
+# SQLite's default automatic checkpoint threshold, in pages; writers with a background
+# checkpointer keep ten times this as their backstop.
+_AUTOCHECKPOINT_PAGES = 1000
+_checkpointers: dict[Path, _Checkpointer] = {}
+_checkpointers_lock = threading.Lock()
+
+
+def _join_checkpointer(path: Path, busy_timeout_ms: int) -> _Checkpointer:
+    key = path.resolve()
+    with _checkpointers_lock:
+        cp = _checkpointers.get(key)
+        if cp is None:
+            cp = _checkpointers[key] = _Checkpointer(key, busy_timeout_ms)
+        cp.users += 1
+        return cp
+
+
+def _leave_checkpointer(cp: _Checkpointer) -> None:
+    with _checkpointers_lock:
+        cp.users -= 1
+        if cp.users > 0:
+            return
+        del _checkpointers[cp.path]
+    cp.stop()
+
+
 class State:
     """An open state file: one SQLite connection, used by one thread at a time."""
 
@@ -100,6 +181,7 @@ class State:
         self.readonly = readonly
         self.db = sqlite_utils.Database(conn, execute_plugins=False)
         self._depth = 0
+        self._checkpointer: _Checkpointer | None = None
 
     def __repr__(self) -> str:
         mode = "ro" if self.readonly else "rw"
@@ -145,6 +227,8 @@ class State:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
             raise
+        if self._checkpointer is not None:
+            self._checkpointer.poke()
 
     def _savepoint(self) -> Iterator[State]:
         self._depth += 1
@@ -164,8 +248,19 @@ class State:
         finally:
             self._depth -= 1
 
+    def checkpoint_in_background(self, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> None:
+        """From now on, leave WAL checkpoints to the file's background checkpointer."""
+        if self.readonly or self._checkpointer is not None:
+            return
+        with classify_sqlite(self.path):
+            self.conn.execute(f"PRAGMA wal_autocheckpoint = {10 * _AUTOCHECKPOINT_PAGES}")
+        self._checkpointer = _join_checkpointer(self.path, busy_timeout_ms)
+
     def close(self) -> None:
         """Close the connection; an open transaction is rolled back by SQLite."""
+        cp, self._checkpointer = self._checkpointer, None
+        if cp is not None:
+            _leave_checkpointer(cp)
         self.conn.close()
 
     def __enter__(self) -> State:
@@ -244,11 +339,13 @@ def open_state(
     *,
     readonly: bool = False,
     busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    background_checkpoints: bool = False,
 ) -> State:
     """Open (creating if needed) the state file, set its pragmas and apply pending migrations.
 
     ``readonly=True`` opens the file without write access and without migrating, for
-    ``status`` while the agent runs.
+    ``status`` while the agent runs. ``background_checkpoints=True`` (the agent's own
+    connections) moves WAL checkpoints off the committing thread (``_Checkpointer``).
 
     Raises:
         PermanentError: the path is not a syncagent state file, its schema is newer than
@@ -270,6 +367,8 @@ def open_state(
     except BaseException:
         conn.close()
         raise
+    if background_checkpoints:
+        st.checkpoint_in_background(busy_timeout_ms)
     logger.debug(
         "event=state_opened path=%s readonly=%s schema_version=%s",
         path,

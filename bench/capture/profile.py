@@ -79,7 +79,7 @@ def _run_once(
     consumers.copy_slot(dsn, "prof_master", "prof")
     state = work / "state.db"
     consumers.fresh_state(state)
-    st = open_state(state)
+    st = open_state(state, background_checkpoints=True)  # as the agent opens it
     source = PostgresSource("erp", lambda: psycopg.connect(dsn), slot="prof", publication="prof",
                             origin="prof", tables=specs, max_poll_bytes=4096 * 2**20)  # fmt: skip
     try:
