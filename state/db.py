@@ -127,7 +127,11 @@ class _Checkpointer:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        try:
+            conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            logger.warning("event=state_checkpointer_not_started path=%s error=%s", self.path, exc)
+            return
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
             while not self._stopping.is_set():
