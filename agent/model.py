@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
@@ -136,6 +136,96 @@ class _ChangeBuilder:
         self.__class__ = Change  # type: ignore[assignment]
 
 
+# What a row decoder returns for one raw row message: key, fields, unchanged, old_key (as in Change).
+RowImage = tuple[Mapping[str, Any], Mapping[str, Any], frozenset[str], "Mapping[str, Any] | None"]
+
+
+@dataclass(frozen=True, slots=True)
+class RowShape:
+    """How to read one table version's raw row messages: kept once in the journal, by content.
+
+    ``definition`` is plain JSON (columns, types, key); ``id`` is a digest of ``format`` and
+    ``definition``, so equal shapes share one id wherever and whenever they were made.
+    ``decode`` turns one message of this shape into a row image, in the capturing process.
+    """
+
+    id: str
+    format: str
+    definition: Mapping[str, Any]
+    decode: Callable[[bytes], RowImage] = field(compare=False, repr=False)
+
+
+class RawChange:
+    """A captured row change still in its source's wire format (a PostgreSQL row message).
+
+    Capture journals ``data`` as it came, with its ``shape``, and decodes nothing: decoding
+    is most of capture's cost, and the journal reader (far slower per change anyway) does it
+    once, when the change is read. In the capturing process ``key``, ``fields``,
+    ``unchanged`` and ``old_key`` decode on first use, exactly as the journal will.
+    """
+
+    __slots__ = (
+        "_image", "data", "object_name", "op", "origin", "position", "shape", "source", "source_ts", "stream",
+        "trace_id", "version",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        source: str,
+        stream: str,
+        object_name: str,
+        op: ChangeOp,
+        position: str,
+        version: str,
+        source_ts: datetime | None,
+        origin: str | None,
+        trace_id: str,
+        shape: RowShape,
+        data: bytes,
+    ) -> None:
+        self.source = source
+        self.stream = stream
+        self.object_name = object_name
+        self.op = op
+        self.position = position
+        self.version = version
+        self.source_ts = source_ts
+        self.origin = origin
+        self.trace_id = trace_id
+        self.shape = shape
+        self.data = data
+        self._image: RowImage | None = None
+
+    def __repr__(self) -> str:
+        return f"RawChange({self.source!r}, {self.object_name!r}, {self.op!r}, {self.position!r})"
+
+    def image(self) -> RowImage:
+        """Decode (once) and return key, fields, unchanged and old_key."""
+        if self._image is None:
+            self._image = self.shape.decode(self.data)
+        return self._image
+
+    @property
+    def key(self) -> Mapping[str, Any]:
+        """The record key, decoded from the row message."""
+        return self.image()[0]
+
+    @property
+    def fields(self) -> Mapping[str, Any]:
+        """The new values (for a delete, the old ones the source sent)."""
+        return self.image()[1]
+
+    @property
+    def unchanged(self) -> frozenset[str]:
+        """Columns the source did not send (unchanged TOAST)."""
+        return self.image()[2]
+
+    @property
+    def old_key(self) -> Mapping[str, Any] | None:
+        """The key before an update that changed it."""
+        return self.image()[3]
+
+
 class _BuildChange(Protocol):
     def __call__(
         self,
@@ -185,7 +275,7 @@ class Rejected:
 class Batch:
     """What one ``Source.read`` returns: changes, the cursor after them, and whether more wait."""
 
-    changes: Sequence[Change]
+    changes: Sequence[Change | RawChange]
     next_cursor: Cursor
     more: bool = False
     rejected: Sequence[Rejected] = ()

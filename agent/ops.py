@@ -60,7 +60,9 @@ def prepare_state(config: Config) -> None:
 
 def journal_rows(st: State, *, since_seq: int, limit: int, source: str | None) -> list[JournalRow]:
     """Journal entries after ``since_seq`` with their fates."""
-    return journal.list_entries(st, since_seq=since_seq, limit=limit, source=source)
+    return journal.list_entries(
+        st, since_seq=since_seq, limit=limit, source=source, formats=pipeline.ROW_FORMATS
+    )
 
 
 def checkpoint_rows(st: State) -> list[Checkpoint]:

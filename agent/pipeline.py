@@ -16,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from types import MappingProxyType
 from typing import Literal
 
 from agent.errors import DataError, PermanentError, RateLimited, RetryableError
@@ -34,6 +35,7 @@ from agent.storeview import StoreView
 from agent.workflows import runner
 from agent.writeback import is_first_copy, writeback_ops
 from connectors.base import Resync, Sink, Source
+from connectors.postgres import rowformat
 from state import audit, checkpoints, exceptions, journal, outbox, shadow, xref
 from state.db import State
 from state.exceptions import ExceptionItem
@@ -42,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 RESOLVER_OWNER = "resolver"
 RESOLVER_STREAM = "journal"
+# How journaled raw rows are decoded when read, by their shape's format.
+ROW_FORMATS: Mapping[str, journal.RowDecoder] = MappingProxyType({rowformat.FORMAT: rowformat.decode_row})
 
 
 def source_owner(name: str) -> str:
@@ -211,7 +215,7 @@ def resolve_pending(st: State, resolver: Resolver, *, limit: int = 5000) -> int:
     cp = checkpoints.get(st, RESOLVER_OWNER, RESOLVER_STREAM)
     after = int(cp.cursor.data.get("seq", 0)) if cp else 0
     generation = cp.generation if cp else 0
-    entries = journal.read_pending(st, after, limit)
+    entries = journal.read_pending(st, after, limit, formats=ROW_FORMATS)
     if not entries:
         return 0
     started = time.monotonic()
@@ -291,7 +295,7 @@ def apply_decision(st: State, entry: JournalEntry, d: Decision) -> None:
 
 def reresolve(st: State, resolver: Resolver, seq: int) -> Decision | None:
     """Resolve one journal entry again (an operator's or the parked-item retry)."""
-    row = journal.get(st, seq)
+    row = journal.get(st, seq, formats=ROW_FORMATS)
     if row is None:
         return None
     with st.write_txn():

@@ -13,19 +13,30 @@ Stored values are JSON (see ``state.codec``): a change read back has plain JSON 
 ``key``/``fields`` (a ``Decimal`` comes back as ``str``, a datetime as ISO text). A row keeps
 ``source``, ``position``, ``op``, ``captured_at`` and the fate columns as columns, and the rest
 of the change in one JSON array, ``body`` (schema m003).
+
+A source may hand over row changes undecoded (``RawChange``: a PostgreSQL row message and its
+table version's ``RowShape``). Those are kept as they came, in ``raw`` (schema m005), with
+the shape stored once in ``journal_shapes``; a reader passes ``formats`` (format name ->
+decoder, ``agent.pipeline.ROW_FORMATS``) and gets the same Change, with the same JSON values,
+as if the row had been decoded at capture. Decoding is most of capture's cost, and the
+resolver, which reads each row once, is far slower per change than capture anyway.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from agent.errors import PermanentError
-from agent.model import Change, JournalEntry, utcnow
+from agent.model import Change, JournalEntry, RawChange, RowImage, RowShape, utcnow
 from state import checkpoints, codec
 from state.db import State, classify_sqlite, fetch_all, fetch_one
+
+# Decodes one raw row message of a shape (its definition, the message) into a row image.
+RowDecoder = Callable[[Mapping[str, Any], bytes], RowImage]
 
 RESOLVER_OWNER = "resolver"
 RESOLVER_STREAM = "journal"
@@ -44,8 +55,12 @@ _PRUNE_CHUNK = 10_000
 # text), origin, trace_id. A reader meeting another format number was written by a newer
 # syncagent; migration m003 builds the same array from the older, wide rows.
 _BODY_FORMAT = 1
-_COLUMNS = "source, position, op, body, captured_at"
-_WIDTH = 5
+_COLUMNS = "source, position, op, body, captured_at, raw"
+_WIDTH = 6
+# A row change kept as its source sent it (m005): the body is [format, stream, object_name,
+# shape id, version, source_ts, origin, trace_id] and ``raw`` holds the message; a decoder
+# for the shape's format, given by the reader, rebuilds key, fields, unchanged and old_key.
+_RAW_FORMAT = 2
 # Rows per INSERT. One multi-row statement costs less per row than executemany (one statement
 # per row), but preparing one is slow (~3 us a row here), so statements come in a few fixed
 # sizes that the connection's statement cache keeps: full blocks, then the remainder as a sum
@@ -98,8 +113,11 @@ class JournalStats:
     oldest_pending_at: datetime | None
 
 
-def append(st: State, changes: Sequence[Change], *, captured_at: datetime | None = None) -> int:
+def append(st: State, changes: Sequence[Change | RawChange], *, captured_at: datetime | None = None) -> int:
     """Append changes in one statement batch; return how many were new (duplicates skipped).
+
+    A ``RawChange`` is stored as it came (``raw``), with a format-2 body naming its shape;
+    each shape not yet in ``journal_shapes`` is added in the same transaction.
 
     Runs inside the caller's ``write_txn`` when there is one, so the batch and its source
     cursor commit together.
@@ -115,11 +133,27 @@ def append(st: State, changes: Sequence[Change], *, captured_at: datetime | None
     extend = params.extend
     last_ts: datetime | None = None
     last_ts_text: str | None = None
+    shapes: dict[str, RowShape] = {}
+    last_shape: RowShape | None = None
     for c in changes:
         ts = c.source_ts
         if ts is not last_ts:
             last_ts = ts
             last_ts_text = None if ts is None else fmt(ts)
+        if c.__class__ is RawChange:
+            raw: RawChange = c  # type: ignore[assignment]
+            shape = raw.shape
+            if shape is not last_shape:
+                shapes[shape.id] = last_shape = shape
+            extend((
+                raw.source, raw.position, raw.op,
+                body((
+                    _RAW_FORMAT, raw.stream, raw.object_name, shape.id, raw.version, last_ts_text,
+                    raw.origin, raw.trace_id,
+                )),
+                at, raw.data,
+            ))  # fmt: skip
+            continue
         unchanged = c.unchanged
         extend((
             c.source, c.position, c.op,
@@ -128,11 +162,20 @@ def append(st: State, changes: Sequence[Change], *, captured_at: datetime | None
                 sorted(unchanged) if unchanged else None, c.old_key, c.version, last_ts_text,
                 c.origin, c.trace_id,
             )),
-            at,
+            at, None,
         ))  # fmt: skip
     added = 0
     with st.write_txn(), classify_sqlite(st.path):
         execute = st.conn.execute
+        if shapes:
+            st.conn.executemany(
+                "INSERT INTO journal_shapes (id, source, format, definition) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (id) DO NOTHING",
+                [
+                    (sid, changes[0].source, sh.format, codec.dumps(sh.definition))
+                    for sid, sh in shapes.items()
+                ],
+            )
         start = 0
         for rows in _statement_rows(len(changes)):
             end = start + rows * _WIDTH
@@ -141,19 +184,24 @@ def append(st: State, changes: Sequence[Change], *, captured_at: datetime | None
     return added
 
 
-def _entry(r: sqlite3.Row, times: dict[str, datetime]) -> JournalEntry:
+def _entry(r: sqlite3.Row, ctx: _ReadContext) -> JournalEntry:
     body = codec.loads(r["body"])
-    if body[0] != _BODY_FORMAT:
+    captured = r["captured_at"]
+    # A batch shares one capture time: parse each distinct text once per read.
+    captured_at = ctx.times.get(captured)
+    if captured_at is None:
+        captured_at = ctx.times[captured] = codec.parse_ts(captured)
+    if body[0] == _RAW_FORMAT:
+        _, stream, object_name, shape_id, version, source_ts, origin, trace_id = body
+        key, fields, unchanged_set, old_key = ctx.decode(r["seq"], shape_id, r["raw"])
+        unchanged = sorted(unchanged_set) if unchanged_set else None
+    elif body[0] == _BODY_FORMAT:
+        _, stream, object_name, key, fields, unchanged, old_key, version, source_ts, origin, trace_id = body
+    else:
         raise PermanentError(
             f"journal row {r['seq']} has body format {body[0]!r}, which this syncagent does not know: "
             "it was written by a newer version; upgrade syncagent"
         )
-    _, stream, object_name, key, fields, unchanged, old_key, version, source_ts, origin, trace_id = body
-    captured = r["captured_at"]
-    # A batch shares one capture time: parse each distinct text once per read.
-    captured_at = times.get(captured)
-    if captured_at is None:
-        captured_at = times[captured] = codec.parse_ts(captured)
     change = Change(
         source=r["source"],
         stream=stream,
@@ -172,23 +220,59 @@ def _entry(r: sqlite3.Row, times: dict[str, datetime]) -> JournalEntry:
     return JournalEntry(seq=r["seq"], change=change, captured_at=captured_at, status=r["status"])
 
 
-def _rows(st: State, sql: str, params: tuple[object, ...]) -> list[JournalRow]:
-    times: dict[str, datetime] = {}
+class _ReadContext:
+    """What one journal read shares across its rows: parsed times, shapes, row decoders."""
+
+    __slots__ = ("formats", "shapes", "st", "times")
+
+    def __init__(self, st: State, formats: Mapping[str, RowDecoder] | None) -> None:
+        self.st = st
+        self.formats = formats or {}
+        self.times: dict[str, datetime] = {}
+        self.shapes: dict[str, tuple[str, Any]] = {}
+
+    def decode(self, seq: int, shape_id: str, raw: bytes) -> tuple[Any, Any, Any, Any]:
+        """Rebuild a raw row's key, fields, unchanged and old_key, as plain JSON values."""
+        shape = self.shapes.get(shape_id)
+        if shape is None:
+            row = fetch_one(
+                self.st, "SELECT format, definition FROM journal_shapes WHERE id = ?", (shape_id,)
+            )
+            if row is None:
+                raise PermanentError(f"journal row {seq} names shape {shape_id}, which journal_shapes lacks")
+            shape = self.shapes[shape_id] = (row["format"], codec.loads(row["definition"]))
+        decoder = self.formats.get(shape[0])
+        if decoder is None:
+            raise PermanentError(
+                f"journal row {seq} holds a raw {shape[0]} row, and this reader was given no decoder for it"
+            )
+        key, fields, unchanged, old_key = decoder(shape[1], raw)
+        # Through the journal's own encoding, so the values read back as a format-1 row's do.
+        plain_key, plain_fields, plain_old_key = codec.loads(codec.dumps_bytes((key, fields, old_key)))
+        return plain_key, plain_fields, unchanged, plain_old_key
+
+
+def _rows(
+    st: State, sql: str, params: tuple[object, ...], formats: Mapping[str, RowDecoder] | None
+) -> list[JournalRow]:
+    ctx = _ReadContext(st, formats)
     return [
-        JournalRow(entry=_entry(r, times), fate=r["fate"], fate_detail=r["fate_detail"])
+        JournalRow(entry=_entry(r, ctx), fate=r["fate"], fate_detail=r["fate_detail"])
         for r in fetch_all(st, sql, params)
     ]
 
 
-def read_pending(st: State, after_seq: int, limit: int) -> list[JournalEntry]:
+def read_pending(
+    st: State, after_seq: int, limit: int, *, formats: Mapping[str, RowDecoder] | None = None
+) -> list[JournalEntry]:
     """Return up to ``limit`` entries with ``seq > after_seq`` in order, whatever their status.
 
     The resolver's position is its checkpoint, not the status column: after a rewind it
-    re-reads resolved rows too.
+    re-reads resolved rows too. ``formats`` decodes raw rows (format name -> decoder).
     """
     rows = fetch_all(st, "SELECT * FROM journal WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit))
-    times: dict[str, datetime] = {}
-    return [_entry(r, times) for r in rows]
+    ctx = _ReadContext(st, formats)
+    return [_entry(r, ctx) for r in rows]
 
 
 def set_fate(st: State, fates: Sequence[tuple[int, str, str | None]]) -> int:
@@ -211,7 +295,12 @@ def set_fate(st: State, fates: Sequence[tuple[int, str, str | None]]) -> int:
 
 
 def list_entries(
-    st: State, *, since_seq: int = 0, limit: int = 100, source: str | None = None
+    st: State,
+    *,
+    since_seq: int = 0,
+    limit: int = 100,
+    source: str | None = None,
+    formats: Mapping[str, RowDecoder] | None = None,
 ) -> list[JournalRow]:
     """Return up to ``limit`` rows with ``seq > since_seq`` in order, optionally of one source."""
     if source is None:
@@ -222,12 +311,12 @@ def list_entries(
         # sorting every row of the source found through the (source, position) index.
         sql = "SELECT * FROM journal WHERE +source = ? AND seq > ? ORDER BY seq LIMIT ?"
         params = (source, since_seq, limit)
-    return _rows(st, sql, params)
+    return _rows(st, sql, params, formats)
 
 
-def get(st: State, seq: int) -> JournalRow | None:
+def get(st: State, seq: int, *, formats: Mapping[str, RowDecoder] | None = None) -> JournalRow | None:
     """Return the journal row ``seq``, or ``None`` if there is none (never written or pruned)."""
-    found = _rows(st, "SELECT * FROM journal WHERE seq = ?", (seq,))
+    found = _rows(st, "SELECT * FROM journal WHERE seq = ?", (seq,), formats)
     return found[0] if found else None
 
 

@@ -399,7 +399,33 @@ def m004_outbox_resend_check(db: Database) -> None:
     db.execute("CREATE INDEX outbox_late ON outbox (entity, canonical_id, target) WHERE in_doubt = 3")
 
 
-_STEPS = (m001_initial_tables, m002_workflows, m003_compact_journal, m004_outbox_resend_check)
+def m005_raw_journal_rows(db: Database) -> None:
+    """Let the journal keep row changes as their source sent them, decoded when read.
+
+    ``journal.raw``: the row message (a PostgreSQL pgoutput Insert/Update/Delete), with a
+    body of format 2 naming its shape; NULL for every other row. ``journal_shapes``: each
+    table version's shape, once, by content digest (see ``state.journal``).
+    """
+    db.execute("ALTER TABLE journal ADD COLUMN raw BLOB")
+    db.execute(
+        """
+        CREATE TABLE journal_shapes (
+            id          TEXT PRIMARY KEY,
+            source      TEXT NOT NULL,
+            format      TEXT NOT NULL,
+            definition  TEXT NOT NULL
+        )
+        """
+    )
+
+
+_STEPS = (
+    m001_initial_tables,
+    m002_workflows,
+    m003_compact_journal,
+    m004_outbox_resend_check,
+    m005_raw_journal_rows,
+)
 
 
 def migration_set() -> Migrations:

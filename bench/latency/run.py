@@ -44,6 +44,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from agent.config import load_config  # noqa: E402
 from agent.demo.run import DemoEnv, start_environment  # noqa: E402
 from agent.demo.seed import crm_env, deal_fields  # noqa: E402
+from agent.pipeline import ROW_FORMATS  # noqa: E402
 from state import checkpoints, journal, open_state, workflows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,7 +115,7 @@ def _stages(st: Any, closed: dict[str, float]) -> dict[str, dict[str, float]]:
     parts: dict[str, list[float]] = {"capture": [], "resolve": [], "erp_commit": []}
     for inst in workflows.list_instances(st, workflow="closed_won", limit=100_000):
         opp = inst.trigger.get("key", {}).get("Id")
-        row = journal.get(st, inst.trigger_seq) if inst.trigger_seq else None
+        row = journal.get(st, inst.trigger_seq, formats=ROW_FORMATS) if inst.trigger_seq else None
         steps = {s["step"]: datetime.fromisoformat(s["at"]).timestamp() for s in inst.steps}
         if opp not in closed or row is None or "validated" not in steps or "erp:unit" not in steps:
             continue

@@ -311,6 +311,10 @@ class Decoder:
         """Read-only view of the Type messages seen, by type OID."""
         return self._types_view
 
+    def remember(self, rel: Relation) -> None:
+        """Take ``rel`` as if its Relation message had been decoded (for journaled rows)."""
+        self._relations[rel.relid] = rel
+
     def decode(self, data: bytes) -> Message:
         """Decode one message; raises PgOutputDecodeError, and only that, on bad input."""
         if type(data) is not bytes:

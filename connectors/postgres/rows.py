@@ -1,12 +1,14 @@
 """Compiled readers for the common row change: pgoutput bytes straight into a ``Change``.
 
-Capture spends most of its time turning Insert/Update/Delete messages into Changes. A generic
-loop over the columns pays, per column, for the loop itself, a name lookup, a separate pass
-for type conversion and a dict store; here each published table version gets its own
-function, compiled once from a fixed template, in which the columns are unrolled and each
-column's conversion is inlined. Nothing taken from the server (column names, values) is
-ever part of the compiled source: names reach the function as constants bound in its
-namespace, and the template only varies by column count, position and type.
+Every journaled PostgreSQL row change is decoded once, when the journal is read
+(``connectors.postgres.rowformat``), and that is mostly turning Insert/Update/Delete
+messages into Changes. A generic loop over the columns pays, per column, for the loop
+itself, a name lookup, a separate pass for type conversion and a dict store; here each
+published table version gets its own function, compiled once from a fixed template, in which
+the columns are unrolled and each column's conversion is inlined. Nothing taken from the
+server (column names, values) is ever part of the compiled source: names reach the function
+as constants bound in its namespace, and the template only varies by column count, position
+and type.
 
 A reader handles the plain case: an Insert, an Update without an old tuple and a Delete
 ('K' or 'O'), with every column text ('t') or NULL ('n') and every value converting

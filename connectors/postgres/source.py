@@ -1,4 +1,9 @@
-"""PostgreSQL capture: one pgoutput peek per poll, decoded chunk by chunk into Changes.
+"""PostgreSQL capture: one pgoutput peek per poll, handed over chunk by chunk.
+
+Row changes (Insert/Update/Delete of mapped tables) leave as ``RawChange``: the message as
+the slot sent it, with its table version's shape, decoded only when the journal is read
+(``connectors.postgres.rowformat``). Truncates are Changes. Begin, Commit, Origin, Relation
+and Type messages are read here for positions, commit times, origins and shapes.
 
 A poll opens one ``pg_logical_slot_peek_binary_changes`` call through a named cursor and
 hands the pipeline one chunk per ``read``; the next ``read`` continues the same server
@@ -11,67 +16,38 @@ the changes. A huge transaction therefore spans many chunks without being held i
 from __future__ import annotations
 
 import logging
-import struct
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import psycopg
 
-from agent.errors import CursorUnavailable, PermanentError
-from agent.model import Batch, Change, ChangeOp, Cursor, Problem, new_trace_ids, utcnow
+from agent.errors import CursorUnavailable
+from agent.model import Batch, Change, ChangeOp, Cursor, Problem, RawChange, RowShape, new_trace_ids, utcnow
 from connectors.postgres import slot as slots
 from connectors.postgres.checks import check
 from connectors.postgres.errors import classify_pg
 from connectors.postgres.lookup import RowLookup
 from connectors.postgres.pgoutput import (
-    UNCHANGED,
     Begin,
     Commit,
     Decoder,
-    Delete,
-    Insert,
     Origin,
     Relation,
     Truncate,
-    Update,
     lsn_to_str,
     str_to_lsn,
 )
 from connectors.postgres.resync import CURSOR_VERSION, resync_batches
-from connectors.postgres.rows import RowReader, compile_reader
+from connectors.postgres.rowformat import RowPlan, build_plan
 from connectors.postgres.slot import SlotLag, TableSpec
-from connectors.postgres.values import (
-    SCALAR_OIDS,
-    Converter,
-    PgValueError,
-    row_converters,
-    unchecked_converter_for,
-)
 
 logger = logging.getLogger(__name__)
 
 STREAM = "wal"
 _MAX_UNCONSUMED_MARKS = 10_000
-# Types whose converted values are immutable and whose text tends to repeat across rows (a
-# now() default or a trigger stamps every row of a transaction alike).
-_MEMO_TYPES = frozenset({"timestamptz", "timestamp", "date"})
-_RELID = struct.Struct(">I").unpack_from
-
-
-@dataclass(frozen=True, slots=True)
-class _Plan:
-    """How to turn one Relation's tuples into Change fields (cached per relation version)."""
-
-    relation: Relation
-    object_name: str
-    names: tuple[str, ...]
-    converters: tuple[Converter | None, ...]
-    key: tuple[tuple[str, int], ...]
-    identity: tuple[int, ...]
-    # The compiled hot path for plain row changes (None where column names repeat).
-    reader: RowReader | None
+_OPS: dict[int, ChangeOp] = {73: "insert", 85: "update", 68: "delete"}
+_MISSING: Any = object()
 
 
 class _Poll:
@@ -124,7 +100,7 @@ class PostgresSource:
         self._conn: psycopg.Connection | None = None
         self._poll: _Poll | None = None
         self._pending_advance: int | None = None
-        self._plans: dict[int, tuple[Relation, _Plan | None]] = {}
+        self._plans: dict[int, tuple[Relation, RowPlan | None]] = {}
         self._keys: dict[str, tuple[str, ...]] = {}
         self._unconsumed: list[tuple[int, datetime]] = []
         self._lookup = RowLookup(connect, self.tables)
@@ -312,111 +288,73 @@ class PostgresSource:
                 if info is not None:
                     self._keys[spec.qualified_name] = info.primary_key
 
-    def _plan(self, rel: Relation, poll: _Poll) -> _Plan | None:
+    def _plan(self, rel: Relation, poll: _Poll) -> RowPlan | None:
         cached = self._plans.get(rel.relid)
         if cached is not None and cached[0] is rel:
             return cached[1]
-        plan = self._build_plan(rel, poll)
+        plan = None
+        if rel.qualified_name in self._by_name:
+            plan = build_plan(rel, poll.decoder.types, self._keys.get(rel.qualified_name))
         self._plans[rel.relid] = (rel, plan)
         return plan
 
-    def _build_plan(self, rel: Relation, poll: _Poll) -> _Plan | None:
-        spec = self._by_name.get(rel.qualified_name)
-        if spec is None:
-            return None
-        names = tuple(c.name for c in rel.columns)
-        position = {n: i for i, n in enumerate(names)}
-        identity = tuple(i for i, c in enumerate(rel.columns) if c.is_key)
-        key_names = self._keys.get(rel.qualified_name)
-        if not key_names:
-            key_names = tuple(names[i] for i in identity) if rel.replident in "di" else names
-        missing = [k for k in key_names if k not in position]
-        if missing:
-            raise PermanentError(
-                f"table {rel.qualified_name}: key column(s) {', '.join(missing)} are not in the "
-                "published columns. Fix: correct key_columns in the table mapping"
-            )
-        if rel.replident == "f":
-            identity = tuple(range(len(names)))
-        converters = row_converters(rel.columns, poll.decoder.types)
-        reader = None
-        if len(set(names)) == len(names):
-            fast = [_fast_kind(col.type_oid) for col in rel.columns]
-            reader = compile_reader(
-                source=self.name, stream=STREAM, object_name=rel.qualified_name, names=names,
-                converters=converters, fast=fast, key=[position[k] for k in key_names], identity=identity,
-            )  # fmt: skip
-        return _Plan(
-            relation=rel,
-            object_name=rel.qualified_name,
-            names=names,
-            converters=converters,
-            key=tuple((k, position[k]) for k in key_names),
-            identity=identity,
-            reader=reader,
-        )
-
-    def _decode(self, poll: _Poll, rows: Sequence[bytes]) -> list[Change]:
-        out: list[Change] = []
+    def _decode(self, poll: _Poll, rows: Sequence[bytes]) -> list[Change | RawChange]:
+        """Turn one chunk of messages into changes: row changes stay raw (``RawChange``)."""
+        out: list[Change | RawChange] = []
         append = out.append
         decoder = poll.decoder
         relations = decoder.relations
         decode, begin_fields, commit_end_lsn = decoder.decode, decoder.begin_fields, decoder.commit_end_lsn
-        # What the row changes of a relation id (its 4 wire bytes) need: (plan, compiled reader),
-        # the plan None for a table that is not mapped. Emptied at every Relation message.
-        plans: dict[bytes, tuple[_Plan | None, RowReader | None]] = {}
+        # Per relation id (its 4 wire bytes): (object name, shape), or None for a table that
+        # is not mapped. Emptied at every Relation message.
+        plans: dict[bytes, tuple[str, RowShape] | None] = {}
         index = poll.index
-        version, ts, origin = poll.version, poll.commit_ts, poll.origin
-        text = version or ""
+        ts, origin = poll.commit_ts, poll.origin
+        text = poll.version or ""
+        source = self.name
         # One urandom call per chunk instead of a uuid4 per change: same 16-hex-digit trace id.
         for data, trace_id in zip(rows, new_trace_ids(len(rows)), strict=True):
             tag = data[0] if data else -1
             if tag == 73 or tag == 85 or tag == 68:
-                found = plans.get(data[1:5])
-                if found is None:
-                    rel = relations.get(int.from_bytes(data[1:5], "big"))
+                relid = data[1:5]
+                found = plans.get(relid, _MISSING)
+                if found is _MISSING:
+                    rel = relations.get(int.from_bytes(relid, "big"))
                     if rel is None:
                         decode(data)  # raises: unknown relation id, or a truncated message
                         continue  # pragma: no cover - decode raised
                     plan = self._plan(rel, poll)
-                    found = plans[data[1:5]] = (plan, plan.reader if plan is not None else None)
-                plan, reader = found
-                if plan is not None:
-                    change = None
-                    if reader is not None:
-                        change = reader(data, f"{text}:{index}", text, ts, origin, trace_id)
-                    if change is None:
-                        msg = decode(data)
-                        assert isinstance(msg, Insert | Update | Delete)
-                        change = self._change(poll, plan, msg, index, trace_id)
-                    append(change)
+                    found = plans[relid] = None if plan is None else (plan.object_name, plan.shape)
+                if found is not None:
+                    append(RawChange(source, STREAM, found[0], _OPS[tag], f"{text}:{index}", text, ts, origin,
+                                     trace_id, found[1], data))  # fmt: skip
                 index += 1
             elif tag == 66 and (begin := begin_fields(data)) is not None:
                 poll.final_lsn, ts = begin
                 poll.commit_ts = ts
-                poll.version = version = text = lsn_to_str(poll.final_lsn)
+                poll.version = text = lsn_to_str(poll.final_lsn)
                 poll.origin = origin = None
                 index = 0
             elif tag == 67 and (end_lsn := commit_end_lsn(data)) is not None:
                 poll.last_complete = end_lsn
-                poll.version = poll.commit_ts = version = ts = None
+                poll.version = poll.commit_ts = ts = None
                 text = ""
             else:
-                msg2 = decode(data)
-                if isinstance(msg2, Begin):  # pragma: no cover - begin_fields reads every valid one
-                    poll.final_lsn, poll.commit_ts = msg2.final_lsn, msg2.commit_ts
-                    poll.version = version = text = lsn_to_str(msg2.final_lsn)
-                    ts, poll.origin, origin, index = msg2.commit_ts, None, None, 0
-                elif isinstance(msg2, Commit):  # pragma: no cover - as above, commit_end_lsn
-                    poll.last_complete = msg2.end_lsn
-                    poll.version = poll.commit_ts = version = ts = None
+                msg = decode(data)
+                if isinstance(msg, Begin):  # pragma: no cover - begin_fields reads every valid one
+                    poll.final_lsn, poll.commit_ts = msg.final_lsn, msg.commit_ts
+                    poll.version = text = lsn_to_str(msg.final_lsn)
+                    ts, poll.origin, origin, index = msg.commit_ts, None, None, 0
+                elif isinstance(msg, Commit):  # pragma: no cover - as above, commit_end_lsn
+                    poll.last_complete = msg.end_lsn
+                    poll.version = poll.commit_ts = ts = None
                     text = ""
-                elif isinstance(msg2, Origin):
-                    poll.origin = origin = msg2.name
-                elif isinstance(msg2, Relation):
+                elif isinstance(msg, Origin):
+                    poll.origin = origin = msg.name
+                elif isinstance(msg, Relation):
                     plans.clear()
-                elif isinstance(msg2, Truncate):
-                    for rel in msg2.relations:
+                elif isinstance(msg, Truncate):
+                    for rel in msg.relations:
                         tplan = self._plan(rel, poll)
                         if tplan is not None:
                             append(self._truncate(poll, tplan, index))
@@ -424,77 +362,7 @@ class PostgresSource:
         poll.index = index
         return out
 
-    def _convert(self, plan: _Plan, values: tuple[object, ...]) -> tuple[object, ...]:
-        try:
-            return tuple(
-                [
-                    v if conv is None or type(v) is not str else conv(v)
-                    for conv, v in zip(plan.converters, values, strict=True)
-                ]
-            )
-        except PgValueError:
-            pass
-        out = []
-        for name, conv, v in zip(plan.names, plan.converters, values, strict=True):
-            if conv is not None and type(v) is str:
-                try:
-                    v = conv(v)
-                except PgValueError:
-                    # Keep the server's text: stalling capture on one odd value is worse.
-                    logger.warning("event=pg_value_kept_as_text table=%s column=%s", plan.object_name, name)
-            out.append(v)
-        return tuple(out)
-
-    def _change(
-        self, poll: _Poll, plan: _Plan, msg: Insert | Update | Delete, index: int, trace_id: str
-    ) -> Change:
-        names = plan.names
-        old_key = None
-        unchanged: frozenset[str] = frozenset()
-        op: ChangeOp
-        if isinstance(msg, Delete):
-            op = "delete"
-            old = self._convert(plan, msg.old)
-            cols = plan.identity if msg.old_kind == "K" else range(len(names))
-            fields = {names[i]: old[i] for i in cols if old[i] is not UNCHANGED}
-            key = {k: old[i] for k, i in plan.key}
-        else:
-            new = self._convert(plan, msg.new)
-            if UNCHANGED in new:
-                fields = {n: v for n, v in zip(names, new, strict=True) if v is not UNCHANGED}
-                unchanged = frozenset(n for n, v in zip(names, new, strict=True) if v is UNCHANGED)
-            else:
-                fields = dict(zip(names, new, strict=True))
-            key = {k: new[i] for k, i in plan.key}
-            if isinstance(msg, Insert):
-                op = "insert"
-            else:
-                op = "update"
-                if msg.old is not None:
-                    old = self._convert(plan, msg.old)
-                    previous = {k: old[i] for k, i in plan.key}
-                    for k, v in key.items():
-                        if v is UNCHANGED:
-                            key[k] = previous[k]
-                    if previous != key and all(v is not UNCHANGED for v in previous.values()):
-                        old_key = previous
-        return Change(
-            source=self.name,
-            stream=STREAM,
-            object_name=plan.object_name,
-            op=op,
-            key=key,
-            fields=fields,
-            position=f"{poll.version}:{index}",
-            version=poll.version or "",
-            source_ts=poll.commit_ts,
-            origin=poll.origin,
-            unchanged=unchanged,
-            old_key=old_key,
-            trace_id=trace_id,
-        )
-
-    def _truncate(self, poll: _Poll, plan: _Plan, index: int) -> Change:
+    def _truncate(self, poll: _Poll, plan: RowPlan, index: int) -> Change:
         return Change(
             source=self.name,
             stream=STREAM,
@@ -528,24 +396,6 @@ class PostgresSource:
             after_key=after_key,
             chunk=chunk,
         )
-
-
-def _relid(data: bytes) -> int:
-    """The relation id of a row change message (0, which no table has, when it is too short)."""
-    try:
-        return int(_RELID(data, 1)[0])
-    except struct.error:
-        return 0
-
-
-def _fast_kind(type_oid: int) -> str | None:
-    """How a compiled reader converts a column of this type (see ``rows.compile_reader``)."""
-    unchecked = unchecked_converter_for(type_oid)
-    if unchecked is int:
-        return "int"
-    if unchecked is not None:
-        return "decimal"
-    return "memo" if SCALAR_OIDS.get(type_oid) in _MEMO_TYPES else None
 
 
 def _check_stream(stream: str) -> None:

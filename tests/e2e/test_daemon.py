@@ -27,6 +27,7 @@ from click.testing import CliRunner
 
 from agent.cli import cli
 from agent.config import load_config
+from agent.pipeline import ROW_FORMATS
 from connectors.emulator import EmulatorServer
 from connectors.salesforce.emulator import SalesforceEmulator
 from state import journal, open_state, outbox
@@ -201,7 +202,7 @@ class Agent:
         try:
             if not own:
                 return journal.stats(st).get(source, journal.JournalStats(0, 0, None)).count
-            rows = journal.list_entries(st, limit=1_000_000, source=source)
+            rows = journal.list_entries(st, limit=1_000_000, source=source, formats=ROW_FORMATS)
             return sum(1 for r in rows if r.entry.change.origin is None)
         finally:
             st.close()
