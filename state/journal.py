@@ -133,7 +133,7 @@ def append(st: State, changes: Sequence[Change | RawChange], *, captured_at: dat
     extend = params.extend
     last_ts: datetime | None = None
     last_ts_text: str | None = None
-    shapes: dict[str, RowShape] = {}
+    shapes: dict[str, tuple[str, RowShape]] = {}  # id -> (source, shape)
     last_shape: RowShape | None = None
     for c in changes:
         ts = c.source_ts
@@ -144,7 +144,8 @@ def append(st: State, changes: Sequence[Change | RawChange], *, captured_at: dat
             raw: RawChange = c  # type: ignore[assignment]
             shape = raw.shape
             if shape is not last_shape:
-                shapes[shape.id] = last_shape = shape
+                shapes[shape.id] = (raw.source, shape)
+                last_shape = shape
             extend((
                 raw.source, raw.position, raw.op,
                 body((
@@ -172,8 +173,8 @@ def append(st: State, changes: Sequence[Change | RawChange], *, captured_at: dat
                 "INSERT INTO journal_shapes (id, source, format, definition) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (id) DO NOTHING",
                 [
-                    (sid, changes[0].source, sh.format, codec.dumps(sh.definition))
-                    for sid, sh in shapes.items()
+                    (sid, source, sh.format, codec.dumps(sh.definition))
+                    for sid, (source, sh) in shapes.items()
                 ],
             )
         start = 0
