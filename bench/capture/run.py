@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(_table(results))
-    print(f"profile {p.name}, median of {repeat} runs; agent s = its capture cycle (connect, peek, decode,"
+    print(f"profile {p.name}, median of {repeat} runs; agent s = its capture cycle (connect, peek, read,"
           f" journal, advance); JSON: {args.out}")  # fmt: skip
     ok = all(r["journal_matches_stream"] for r in results.values())
     if args.strict:
