@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 RESOLVER_OWNER = "resolver"
 RESOLVER_STREAM = "journal"
 # How journaled raw rows are decoded when read, by their shape's format.
-ROW_FORMATS: Mapping[str, journal.RowDecoder] = MappingProxyType({rowformat.FORMAT: rowformat.decode_row})
+ROW_FORMATS: Mapping[str, journal.RowDecoder] = MappingProxyType({rowformat.FORMAT: rowformat.row_decoder})
 
 
 def source_owner(name: str) -> str:

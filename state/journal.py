@@ -35,8 +35,9 @@ from agent.model import Change, JournalEntry, RawChange, RowImage, RowShape, utc
 from state import checkpoints, codec
 from state.db import State, classify_sqlite, fetch_all, fetch_one
 
-# Decodes one raw row message of a shape (its definition, the message) into a row image.
-RowDecoder = Callable[[Mapping[str, Any], bytes], RowImage]
+# Given a shape's definition, returns the function that decodes one raw row message of that
+# shape into a row image.
+RowDecoder = Callable[[Mapping[str, Any]], Callable[[bytes], RowImage]]
 
 RESOLVER_OWNER = "resolver"
 RESOLVER_STREAM = "journal"
@@ -230,24 +231,25 @@ class _ReadContext:
         self.st = st
         self.formats = formats or {}
         self.times: dict[str, datetime] = {}
-        self.shapes: dict[str, tuple[str, Any]] = {}
+        self.shapes: dict[str, Callable[[bytes], RowImage]] = {}
 
     def decode(self, seq: int, shape_id: str, raw: bytes) -> tuple[Any, Any, Any, Any]:
         """Rebuild a raw row's key, fields, unchanged and old_key, as plain JSON values."""
-        shape = self.shapes.get(shape_id)
-        if shape is None:
+        decode = self.shapes.get(shape_id)
+        if decode is None:
             row = fetch_one(
                 self.st, "SELECT format, definition FROM journal_shapes WHERE id = ?", (shape_id,)
             )
             if row is None:
                 raise PermanentError(f"journal row {seq} names shape {shape_id}, which journal_shapes lacks")
-            shape = self.shapes[shape_id] = (row["format"], codec.loads(row["definition"]))
-        decoder = self.formats.get(shape[0])
-        if decoder is None:
-            raise PermanentError(
-                f"journal row {seq} holds a raw {shape[0]} row, and this reader was given no decoder for it"
-            )
-        key, fields, unchanged, old_key = decoder(shape[1], raw)
+            make = self.formats.get(row["format"])
+            if make is None:
+                raise PermanentError(
+                    f"journal row {seq} holds a raw {row['format']} row, and this reader was given no "
+                    "decoder for it"
+                )
+            decode = self.shapes[shape_id] = make(codec.loads(row["definition"]))
+        key, fields, unchanged, old_key = decode(raw)
         # Through the journal's own encoding, so the values read back as a format-1 row's do.
         plain_key, plain_fields, plain_old_key = codec.loads(codec.dumps_bytes((key, fields, old_key)))
         return plain_key, plain_fields, unchanged, plain_old_key

@@ -2,7 +2,7 @@
 
 Capture journals each Insert/Update/Delete message as it came from the slot, with the shape
 of its table version (``RowShape``: relation id, columns with type OIDs and names, replica
-identity, key columns); decoding happens when the journal is read (``decode_row``). The
+identity, key columns); decoding happens when the journal is read (``row_decoder``). The
 shape is plain JSON and is stored once per table version, so a journal row can be decoded
 by any later process, whatever Relation messages it has seen since.
 
@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -43,7 +43,7 @@ from connectors.postgres.values import (
     unchecked_converter_for,
 )
 
-__all__ = ["FORMAT", "RowPlan", "build_plan", "decode_row"]
+__all__ = ["FORMAT", "RowPlan", "build_plan", "row_decoder"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +131,8 @@ _plans: dict[str, RowPlan] = {}
 _plans_lock = threading.Lock()
 
 
-def decode_row(definition: Mapping[str, Any], data: bytes) -> RowImage:
-    """Decode a journaled row message of the shape ``definition`` (plans cached by shape)."""
+def row_decoder(definition: Mapping[str, Any]) -> Callable[[bytes], RowImage]:
+    """Return the decoder of journaled row messages of the shape ``definition`` (plans cached)."""
     sid = _shape_id(definition)
     plan = _plans.get(sid)
     if plan is None:
@@ -142,7 +142,7 @@ def decode_row(definition: Mapping[str, Any], data: bytes) -> RowImage:
             if len(_plans) >= _PLANS_KEPT:
                 _plans.clear()
             _plans[sid] = plan
-    return image(plan, data)
+    return plan.shape.decode
 
 
 def _definition(rel: Relation, types: Mapping[int, TypeInfo], key_names: tuple[str, ...]) -> dict[str, Any]:
