@@ -195,8 +195,7 @@ def _entry(r: sqlite3.Row, ctx: _ReadContext) -> JournalEntry:
         captured_at = ctx.times[captured] = codec.parse_ts(captured)
     if body[0] == _RAW_FORMAT:
         _, stream, object_name, shape_id, version, source_ts, origin, trace_id = body
-        key, fields, unchanged_set, old_key = ctx.decode(r["seq"], shape_id, r["raw"])
-        unchanged = sorted(unchanged_set) if unchanged_set else None
+        key, fields, unchanged, old_key = ctx.decode(r["seq"], shape_id, r["raw"])
     elif body[0] == _BODY_FORMAT:
         _, stream, object_name, key, fields, unchanged, old_key, version, source_ts, origin, trace_id = body
     else:

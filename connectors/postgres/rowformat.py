@@ -100,6 +100,7 @@ def build_plan(rel: Relation, types: Mapping[int, TypeInfo], key_names: Sequence
     decoder = Decoder()
     decoder.remember(rel)
     definition = _definition(rel, types, tuple(key_names))
+    # The shape's decoder needs the plan and the plan holds the shape: the box ties the knot.
     plan_box: list[RowPlan] = []
     shape = RowShape(
         id=_shape_id(definition), format=FORMAT, definition=definition, decode=lambda d: image(plan_box[0], d)

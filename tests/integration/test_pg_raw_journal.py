@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,23 +9,12 @@ import pytest
 from agent import pipeline
 from agent.errors import PermanentError
 from agent.model import Change, Cursor, RawChange
-from connectors.postgres import PostgresSource, drop, rowformat
+from connectors.postgres import PostgresSource, rowformat
 from state import journal, open_state
 from state.db import State
-from tests.integration.test_pg_source import BIG_TEXT, SCHEMA, Erp
+from tests.integration.test_pg_source import BIG_TEXT, Erp
 
 pytestmark = pytest.mark.pg
-
-
-@pytest.fixture
-def erp(pg_dsn: str) -> Iterator[Erp]:
-    e = Erp(pg_dsn)
-    e.sql(SCHEMA)
-    yield e
-    for src in e.sources:
-        src.close()
-    with e.conn() as conn:
-        drop(conn, e.slot, e.publication, e.origin)
 
 
 def _read_all(src: PostgresSource) -> list[Change | RawChange]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import resource
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -16,7 +15,7 @@ import pytest
 from agent.errors import CursorUnavailable
 from agent.model import Batch, Change, Cursor
 from connectors.base import Resync, Source
-from connectors.postgres import PostgresSource, TableSpec, drop, ensure
+from connectors.postgres import PostgresSource, TableSpec, ensure
 from connectors.postgres.pgoutput import Commit, Decoder, str_to_lsn
 
 pytestmark = pytest.mark.pg
@@ -113,17 +112,6 @@ class Erp:
                 (self.slot, self.publication),
             ).fetchall()
         return {m.end_lsn for m in map(decoder.decode, (r[0] for r in rows)) if isinstance(m, Commit)}
-
-
-@pytest.fixture
-def erp(pg_dsn: str) -> Iterator[Erp]:
-    e = Erp(pg_dsn)
-    e.sql(SCHEMA)
-    yield e
-    for src in e.sources:
-        src.close()
-    with e.conn() as conn:
-        drop(conn, e.slot, e.publication, e.origin)
 
 
 def drain(
